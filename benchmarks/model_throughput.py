@@ -1,0 +1,143 @@
+"""Training throughput: llmlab's Transformer vs transformers' LlamaForCausalLM, same shape, same run.
+
+Shape: vocab 8192, hidden 384, 6 layers, 6 heads / 2 KV heads, MLP 1024, seq 256, batch 8, AdamW; fp32 and
+bf16 autocast. The two models are timed alternately (round-robin) so machine noise hits both alike; the
+figure is the median over rounds. MFU divides achieved FLOP/s (the config's training FLOPs per token) by
+the matmul peak measured in this run. `llmlab` is the training path (loss computed chunk by chunk without
+materializing the logits, see llmlab.model.losses); `llmlab_logits` is the same model returning full logits
+like transformers does.
+
+    python benchmarks/model_throughput.py [--rounds 5] [--steps 3] [--device cpu|cuda]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from llmlab.model import ModelConfig, Transformer
+
+SHAPE = dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=1024, max_seq_len=1024)
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_hf(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["dim"], num_hidden_layers=SHAPE["n_layers"],
+        num_attention_heads=SHAPE["n_heads"], num_key_value_heads=SHAPE["n_kv_heads"],
+        intermediate_size=SHAPE["hidden_dim"], max_position_embeddings=SHAPE["max_seq_len"],
+        tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).to(device)
+
+
+def make_step(model, opt, x, dtype, device, kind: str):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if kind == "transformers":
+                out = model(input_ids=x, labels=x)
+            else:  # llmlab trains without materializing the logits; llmlab_logits is the plain path
+                out = model(x, labels=x, return_logits=kind == "llmlab_logits")
+        out.loss.backward()
+        opt.step()
+        return out.loss
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per timed round")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    args = p.parse_args()
+    device = args.device
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SHAPE)
+    ours = Transformer(cfg).to(device).train()
+    theirs = build_hf(device).train()
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
+    tokens = args.batch * args.seq
+    flops_per_token = cfg.flops_per_token(args.seq)
+    result = {
+        "benchmark": "model_throughput",
+        "machine": {"device": device, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+                    "torch": torch.__version__},
+        "shape": {**SHAPE, "seq": args.seq, "batch": args.batch},
+        "params": {"llmlab": ours.num_parameters(), "transformers": sum(p.numel() for p in theirs.parameters())},
+        "flops_per_token": flops_per_token,
+    }
+    fp32_peak = None
+    for name in args.dtypes.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        fp32_peak = fp32_peak or matmul_peak(torch.float32, device)
+        # A small probe first: where bf16 is emulated (no native instructions) a full-size probe takes minutes.
+        peak = fp32_peak if dtype == torch.float32 else matmul_peak(dtype, device, n=256, reps=3)
+        if peak >= 0.5 * fp32_peak and dtype != torch.float32:
+            peak = matmul_peak(dtype, device)
+        if peak < 0.5 * fp32_peak:  # e.g. an AVX2 CPU without bf16 instructions: bf16 is emulated
+            row = {"matmul_peak_gflops": peak / 1e9, "fp32_matmul_peak_gflops": fp32_peak / 1e9,
+                   "skipped": "bf16 matmul is slower than half the fp32 matmul on this device (no native bf16)"}
+            result[name] = row
+            print(json.dumps({name: row}), flush=True)
+            continue
+        contenders = (("llmlab", ours), ("llmlab_logits", ours), ("transformers", theirs))
+        steps = {}
+        for label, model in contenders:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            steps[label] = make_step(model, opt, x, dtype, device, label)
+            for _ in range(2):  # warm-up: allocator, autocast caches, optimizer state
+                steps[label]()
+        times = {label: [] for label in steps}
+        for _ in range(args.rounds):
+            for label, step in steps.items():
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                sync(device)
+                times[label].append((time.perf_counter() - t) / args.steps)
+        row = {"matmul_peak_gflops": round(peak / 1e9, 1)}
+        for label, ts in times.items():
+            tps = tokens / statistics.median(ts)
+            row[f"{label}_tokens_per_s"] = round(tps, 1)
+            row[f"{label}_mfu"] = round(tps * flops_per_token / peak, 4)
+        row["speedup"] = round(row["llmlab_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
+        row["speedup_with_logits"] = round(row["llmlab_logits_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
+        result[name] = row
+        print(json.dumps({name: row}), flush=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The `llmlab` command: one module per command group."""

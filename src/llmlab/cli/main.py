@@ -1,0 +1,35 @@
+"""`llmlab <group> <command> ...`. Each group module exposes `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import model
+
+GROUPS = [model]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmlab", description="The whole LLM lifecycle, small and tested.")
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", title="command groups")
+    for module in GROUPS:
+        module.register(groups)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        (getattr(args, "group_parser", None) or parser).print_help()
+        return 0 if args.group is None else 2
+    try:
+        return args.run(args) or 0
+    except ValueError as e:
+        print(f"llmlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Which keys each query may see, described once and rendered by every attention backend.
+
+A mask is a description (causal or not, padding, prefix lengths, sliding window, ALiBi slopes), not a
+T×T tensor: `sdpa` and `math` materialize it, `flash` renders one tile at a time and skips tiles that
+causality or the window hides entirely.
+
+Causality and the window compare token indices (query i is key index offset + i); the prefix of a
+prefix-LM is measured in positions (real tokens), so left padding does not shift it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# A large finite negative instead of -inf: a fully masked row (a padding query) then yields a uniform,
+# finite distribution instead of NaN, and the online softmax of the flash backend never sees -inf - -inf.
+MASKED = -1e30
+
+
+@dataclass
+class AttentionMask:
+    causal: bool
+    n_queries: int
+    n_keys: int
+    q_offset: int = 0  # index of the first query among the keys (tokens already in the KV cache)
+    key_valid: torch.Tensor | None = None  # [B, Tk] bool, False for padding
+    key_pos: torch.Tensor | None = None  # [B, Tk] positions of the keys, needed with prefix_len
+    prefix_len: torch.Tensor | None = None  # [B]: keys at positions < prefix_len are seen by every query
+    window: int | None = None  # sliding window: a query sees keys with 0 <= i - j < window
+    alibi: torch.Tensor | None = None  # [H] ALiBi slopes: bias -slope·|i - j|
+
+    @property
+    def is_trivial(self) -> bool:
+        """Nothing but (optionally) plain causality with queries aligned to the end of the keys."""
+        return self.key_valid is None and self.prefix_len is None and self.window is None and self.alibi is None
+
+    def block(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor | None:
+        """Additive float32 bias for queries [q0, q1) and keys [k0, k1): [B or 1, H or 1, q1-q0, k1-k0]."""
+        qi = torch.arange(q0, q1, device=device)[:, None] + self.q_offset
+        kj = torch.arange(k0, k1, device=device)[None, :]
+        allowed = None
+        if self.causal:
+            allowed = (kj <= qi)[None]
+            if self.prefix_len is not None:
+                in_prefix = self.key_pos[:, None, k0:k1] < self.prefix_len[:, None, None]
+                allowed = allowed | in_prefix
+        if self.window is not None:
+            dist = qi - kj
+            near = ((dist >= 0) if self.causal else (dist > -self.window)) & (dist < self.window)
+            allowed = near[None] if allowed is None else allowed & near
+        if self.key_valid is not None:
+            valid = self.key_valid[:, None, k0:k1]
+            allowed = valid if allowed is None else allowed & valid
+        bias = None
+        if allowed is not None:
+            zero = torch.zeros((), device=device)
+            bias = torch.where(allowed, zero, torch.full((), MASKED, device=device))[:, None]
+        if self.alibi is not None:
+            dist = (qi - kj).abs().float()
+            alibi = -self.alibi.to(device).float()[None, :, None, None] * dist
+            bias = alibi if bias is None else bias + alibi
+        return bias
+
+    def block_is_hidden(self, q0: int, q1: int, k0: int, k1: int) -> bool:
+        """True when no query in [q0, q1) may see any key in [k0, k1), for every sequence in the batch."""
+        first_q, last_q = q0 + self.q_offset, q1 - 1 + self.q_offset
+        if self.causal and self.prefix_len is None and k0 > last_q:
+            return True
+        if self.window is not None and first_q - (k1 - 1) >= self.window:
+            return True
+        return False
+
+    def dense(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        bias = self.block(0, self.n_queries, 0, self.n_keys, device)
+        if bias is None:
+            return None
+        return bias.clamp_min(torch.finfo(dtype).min).to(dtype)  # fp16 cannot hold -1e30
+
+    def sdpa_arguments(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for F.scaled_dot_product_attention, using its fused causal path when it can."""
+        if self.is_trivial:
+            if not self.causal or self.n_queries == 1:
+                return None, False
+            if self.n_queries == self.n_keys:
+                return None, True
+        return self.dense(device, dtype), False
