@@ -34,27 +34,34 @@ def attend(
     training: bool,
     need_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] -> ([B, H, Tq, Dv], probs [B, H, Tq, Tk] or None)."""
+    """q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] -> ([B, H, Tq, Dv], probs [B, H, Tq, Tk] or None).
+
+    Padding queries get an output of exactly zero (and no gradient): a left-padding query may see no key at
+    all, and each backend would otherwise fill that row differently."""
     dropout = cfg.attn_dropout if training else 0.0
     backend = "math" if need_weights else cfg.attn_backend
+    probs = None
     if backend == "sdpa":
         bias, is_causal = mask.sdpa_arguments(q.device, q.dtype)
         gqa = q.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
-        return out, None
-    if backend == "flash":
-        return flash_attention(q, k, v, mask, scale, cfg.flash_block_size), None
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() * scale
-    bias = mask.dense(q.device, torch.float32)
-    if bias is not None:
-        scores = scores + bias
-    probs = scores.softmax(dim=-1).to(q.dtype)
-    out = F.dropout(probs, dropout) @ v if dropout else probs @ v
+    elif backend == "flash":
+        out = flash_attention(q, k, v, mask, scale, cfg.flash_block_size)
+    else:
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() * scale
+        bias = mask.dense(q.device, torch.float32)
+        if bias is not None:
+            scores = scores + bias
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        out = F.dropout(probs, dropout) @ v if dropout else probs @ v
+    if mask.key_valid is not None:
+        real = mask.key_valid[:, mask.q_offset : mask.q_offset + mask.n_queries]
+        out = out * real[:, None, :, None].to(out.dtype)
     return out, probs if need_weights else None
 
 

@@ -4,7 +4,8 @@ For a vocabulary V and N tokens the logits are N×V floats (67 MB for 2048 token
 gigabytes for 128k vocabularies), and autograd keeps several N×V buffers alive: the logits, the
 log-softmax, its gradient. Here the tokens are processed in chunks: each chunk's logits are computed, turned
 into the loss and straight away into the gradient (softmax - one-hot), multiplied back into the gradients of
-the hidden states and the weight, and dropped. Peak extra memory is one chunk of logits; the matmul FLOPs
+the hidden states and the weight, and dropped. Peak extra memory is one chunk of logits (about 16 MB: small
+enough to be reused by the allocator instead of being mapped afresh every time); the matmul FLOPs
 are those of the plain path. (The same idea as Liger's fused linear cross-entropy and Apple's Cut
 Cross-Entropy, Wijmans et al. 2024.)
 
@@ -33,17 +34,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z += bias.float()
             valid = yc != ignore_index
             target = yc.clamp_min(0)[:, None]
-            lse = torch.logsumexp(z, dim=-1)
-            loss += ((lse - z.gather(1, target)[:, 0]) * valid).sum()
-            # z becomes ∂loss/∂z in place: softmax - onehot, zero on ignored rows, divided by n
-            z.sub_(lse[:, None]).exp_()
-            z.scatter_add_(1, target, -torch.ones_like(target, dtype=z.dtype))
-            z.mul_((valid.float() / n_valid)[:, None])
+            picked = z.gather(1, target)[:, 0]
+            # All in place on the chunk (no N×V temporaries): z ← exp(z - max) / Σ = softmax, then - onehot.
+            zmax = z.amax(dim=-1, keepdim=True)
+            z.sub_(zmax).exp_()
+            total = z.sum(dim=-1, keepdim=True)
+            loss += ((zmax + total.log())[:, 0] - picked).mul_(valid).sum()
+            z.div_(total)
+            z.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=z.dtype))
+            z.mul_((valid.float() / n_valid)[:, None])  # zero on ignored rows, mean over the labelled ones
             gz = z.to(h.dtype)
             if grad_h is not None:
                 grad_h[start : start + chunk] = gz @ weight
             if grad_w is not None:
-                grad_w += (gz.t() @ hc).float()
+                if gz.dtype == grad_w.dtype:
+                    grad_w.addmm_(gz.t(), hc)  # accumulate inside the matmul: no V×D temporary per chunk
+                else:
+                    grad_w += (gz.t() @ hc).float()
             if grad_b is not None:
                 grad_b += z.sum(dim=0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -68,9 +75,11 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    chunk: int = 1024,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of softmax(h Wᵀ + b) against labels. h [N, D], weight [V, D], labels [N]."""
+    """Mean cross-entropy of softmax(h Wᵀ + b) against labels. h [N, D], weight [V, D], labels [N].
+    chunk: tokens per chunk; by default as many as keep one chunk of logits near 4M floats (16 MB)."""
+    chunk = chunk or max(16, 2**22 // weight.shape[0])
     if torch.is_autocast_enabled(h.device.type):  # follow autocast: matmuls in its dtype
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)

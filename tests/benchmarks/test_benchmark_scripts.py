@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end and print the JSON they promise (tiny sizes: this checks the
+scripts, not the speed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                         check=True, timeout=600)
+    return json.loads(out.stdout[out.stdout.index("\n{") + 1 :] if "\n{" in out.stdout else out.stdout)
+
+
+@pytest.mark.slow
+def test_model_throughput_reports_all_contenders():
+    result = run("model_throughput.py", "--rounds", "1", "--steps", "1", "--batch", "1", "--seq", "16", "--dtypes", "fp32")
+    row = result["fp32"]
+    for key in ("llmlab_tokens_per_s", "llmlab_logits_tokens_per_s", "transformers_tokens_per_s", "speedup", "llmlab_mfu"):
+        assert row[key] > 0
+    assert result["params"]["llmlab"] == result["params"]["transformers"]  # same shape, same parameter count
+
+
+def test_attention_backends_agree():
+    result = run("attention_backends.py", "--seq", "48", "--batch", "2", "--reps", "1")
+    for mask, backends in result["masks"].items():
+        assert backends["math"]["agrees"] and backends["flash"]["agrees"], mask
