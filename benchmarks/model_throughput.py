@@ -43,6 +43,16 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 5, t
     return best
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -94,7 +104,8 @@ def main() -> None:
     flops_per_token = cfg.flops_per_token(args.seq)
     result = {
         "benchmark": "model_throughput",
-        "machine": {"device": device, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+        "machine": {"device": device if device == "cpu" else torch.cuda.get_device_name(), "threads":
+                    torch.get_num_threads(), "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "torch": torch.__version__},
         "shape": {**SHAPE, "seq": args.seq, "batch": args.batch},
         "params": {"llmlab": ours.num_parameters(), "transformers": sum(p.numel() for p in theirs.parameters())},

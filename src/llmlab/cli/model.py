@@ -16,8 +16,10 @@ def attention_variants(cfg: ModelConfig) -> dict[str, ModelConfig]:
     """The config as MHA, GQA, MQA and MLA, everything else equal (MLA: latent of 2·head_dim, half-head rotary
     key, as DeepSeek-V2 sizes it relative to its heads)."""
     base = cfg.to_dict()
-    gqa_kv = cfg.n_kv_heads if 1 < cfg.n_kv_heads < cfg.n_heads else max(
-        d for d in range(1, cfg.n_heads) if cfg.n_heads % d == 0) if cfg.n_heads > 1 else 1
+    if 1 < cfg.n_kv_heads < cfg.n_heads:
+        gqa_kv = cfg.n_kv_heads
+    else:  # the largest proper divisor of n_heads
+        gqa_kv = max([d for d in range(1, cfg.n_heads) if cfg.n_heads % d == 0], default=1)
     hd = cfg.head_dim
     mla = dict(attention="mla", kv_lora_rank=2 * hd, qk_nope_head_dim=hd, qk_rope_head_dim=max(2, hd // 2),
                v_head_dim=hd, qk_norm=False, position="rope")
@@ -35,7 +37,7 @@ def cost_rows(cfg: ModelConfig, seq_len: int, batch: int) -> list[dict]:
         kv = variant.kv_cache_bytes_per_token(2)
         rows.append({
             "attention": name,
-            "kv_heads": variant.n_kv_heads if name != "MLA" else f"latent {variant.kv_lora_rank}+{variant.qk_rope_head_dim}",
+            "kv_heads": variant.n_kv_heads if name != "MLA" else f"{variant.kv_lora_rank}+{variant.qk_rope_head_dim}",
             "params": variant.num_parameters(),
             "train_flops_per_token": variant.flops_per_token(seq_len),
             "kv_bytes_per_token_bf16": kv,
@@ -47,9 +49,9 @@ def cost_rows(cfg: ModelConfig, seq_len: int, batch: int) -> list[dict]:
 
 def print_cost_table(cfg: ModelConfig, seq_len: int, batch: int, title: str, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title=title)
-    for col in ("attention", "KV heads", "params", "train GFLOP/token", "KV B/token (bf16)",
-                f"KV MiB @ {cfg.max_seq_len}", f"activations MiB (bf16, {batch}×{seq_len})"):
+    table = Table(title=title, caption=f"GFLOP/tok: training, at seq {seq_len}; KV in bf16; "
+                                       f"activations in bf16 for batch {batch} × seq {seq_len}")
+    for col in ("attention", "KV heads", "params", "GFLOP/tok", "KV B/tok", f"KV MiB@{cfg.max_seq_len}", "act. MiB"):
         table.add_column(col, justify="right")
     for r in cost_rows(cfg, seq_len, batch):
         table.add_row(r["attention"], str(r["kv_heads"]), f"{r['params'] / 1e6:.2f}M",

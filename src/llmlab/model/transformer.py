@@ -140,10 +140,9 @@ class Transformer(nn.Module):
         h = self.drop(h)
 
         rope = self.rotary(positions, h.dtype) if self.rotary is not None else None
-        if prefix_len is not None:
-            prefix_len = torch.as_tensor(prefix_len, device=input_ids.device).expand(B)
         key_pos = None
         if prefix_len is not None:
+            prefix_len = torch.as_tensor(prefix_len, device=input_ids.device).expand(B)
             key_pos = positions if cache is None else cache.key_pos
         mask = AttentionMask(
             causal=cfg.is_causal, n_queries=T, n_keys=offset + T, q_offset=offset, key_valid=key_valid,
