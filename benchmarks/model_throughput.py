@@ -9,7 +9,7 @@ like transformers does.
 
     python benchmarks/model_throughput.py [--rounds 5] [--steps 3] [--device cpu|cuda]
 
-Prints one JSON object.
+Prints one JSON object on stdout (each dtype's row also goes to stderr as it is measured).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -111,20 +112,18 @@ def main() -> None:
         "params": {"llmlab": ours.num_parameters(), "transformers": sum(p.numel() for p in theirs.parameters())},
         "flops_per_token": flops_per_token,
     }
-    fp32_peak = None
     for name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-        fp32_peak = fp32_peak or matmul_peak(torch.float32, device)
-        # A small probe first: where bf16 is emulated (no native instructions) a full-size probe takes minutes.
-        peak = fp32_peak if dtype == torch.float32 else matmul_peak(dtype, device, n=256, reps=2, trials=1)
-        if peak >= 0.5 * fp32_peak and dtype != torch.float32:
-            peak = matmul_peak(dtype, device)
-        if peak < 0.5 * fp32_peak:  # e.g. an AVX2 CPU without bf16 instructions: bf16 is emulated
-            row = {"matmul_peak_gflops": peak / 1e9, "fp32_matmul_peak_gflops": fp32_peak / 1e9,
-                   "skipped": "bf16 matmul is slower than half the fp32 matmul on this device (no native bf16)"}
+        # Probe small first, against fp32 at the same size: where bf16 is emulated (no native instructions)
+        # a full-size bf16 probe alone takes minutes.
+        small = {d: matmul_peak(d, device, n=256, reps=2, trials=1) for d in (dtype, torch.float32)}
+        if small[dtype] < 0.5 * small[torch.float32]:
+            row = {"matmul_peak_gflops_256": small[dtype] / 1e9, "fp32_matmul_peak_gflops_256": small[torch.float32] / 1e9,
+                   "skipped": f"{name} matmul is slower than half the fp32 matmul on this device (no native {name})"}
             result[name] = row
-            print(json.dumps({name: row}), flush=True)
+            print(json.dumps({name: row}), file=sys.stderr, flush=True)
             continue
+        peak = matmul_peak(dtype, device)
         contenders = (("llmlab", ours), ("llmlab_logits", ours), ("transformers", theirs))
         steps = {}
         for label, model in contenders:
@@ -149,7 +148,7 @@ def main() -> None:
         row["speedup"] = round(row["llmlab_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
         row["speedup_with_logits"] = round(row["llmlab_logits_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
         result[name] = row
-        print(json.dumps({name: row}), flush=True)
+        print(json.dumps({name: row}), file=sys.stderr, flush=True)  # progress; stdout gets one object
     print(json.dumps(result, indent=2))
 
 

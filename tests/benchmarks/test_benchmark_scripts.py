@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run(script, *args):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
                          check=True, timeout=600)
-    return json.loads(out.stdout[out.stdout.index("\n{") + 1 :] if "\n{" in out.stdout else out.stdout)
+    return json.loads(out.stdout)
 
 
 @pytest.mark.slow

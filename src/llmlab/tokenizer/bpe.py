@@ -33,14 +33,21 @@ def merge_pair(word: list[int], left: int, right: int, new: int) -> list[int]:
     return out
 
 
+def special_pattern(specials: Sequence[str]) -> "regex.Pattern | None":
+    """One capture group matching any special token, longest first (so "<a><b>" beats "<a>")."""
+    if not specials:
+        return None
+    return regex.compile("(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+
+
 def _split_specials(texts: Iterable[str], specials: Sequence[str]) -> Iterable[str]:
     # Special tokens are added verbatim; their text must not leak into the learned merges.
-    if not specials:
+    pattern = special_pattern(specials)
+    if pattern is None:
         yield from texts
         return
-    pattern = regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
     for text in texts:
-        yield from pattern.split(text)
+        yield from pattern.split(text)[0::2]  # odd pieces are the captured special tokens themselves
 
 
 def train_bpe(
@@ -160,11 +167,7 @@ class ByteLevelBPE:
                 raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token missing from the vocab")
             # A later duplicate overwrites an earlier one, as in `tokenizers`.
             self._ranks[(self.vocab[a], self.vocab[b])] = (rank, self.vocab[a + b])
-        self._special_re = (
-            regex.compile("(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
-            if specials
-            else None
-        )
+        self._special_re = special_pattern(self.special_tokens)
         self._cache: dict[str, list[int]] = {}
 
     @property
