@@ -6,6 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmlab.tokenizer import ByteLevelBPE, load, train
 from llmlab.tokenizer.bpe import merge_pair
@@ -71,6 +73,13 @@ def test_matches_hf_tokenizers(tok, saved, text):
     assert load(saved.parent).encode(text) == ids  # a directory holding tokenizer.json
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.from_regex(r"[a-z .,'\n]{0,40}", fullmatch=True))
+def test_matches_hf_tokenizers_on_arbitrary_text(tok, saved, text):
+    hf = tokenizers.Tokenizer.from_file(str(saved))
+    assert tok.encode(text) == hf.encode(text).ids
+
+
 def test_saved_json_layout(saved):
     data = json.loads(saved.read_text(encoding="utf-8"))
     assert data["model"]["type"] == "BPE"
@@ -110,16 +119,13 @@ def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text, parse_special=False)) == text
 
 
-try:
-    from hypothesis import given, settings, strategies as st
-except ImportError:  # hypothesis is optional
-    pass
-else:
-
-    @settings(max_examples=200, deadline=None)
-    @given(st.text())
-    def test_round_trip_property(tok, text):
-        assert tok.decode(tok.encode(text)) == text
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_round_trip_and_no_injection_property(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    plain = tok.encode(text + "<|im_end|>", parse_special=False)
+    assert tok.decode(plain) == text + "<|im_end|>"
+    assert not any(i < len(SPECIALS) for i in plain)  # user text never yields a special id
 
 
 def test_special_tokens(tok):
