@@ -30,3 +30,16 @@ def test_attention_backends_agree():
     result = run("attention_backends.py", "--seq", "48", "--batch", "2", "--reps", "1")
     for mask, backends in result["masks"].items():
         assert backends["math"]["agrees"] and backends["flash"]["agrees"], mask
+
+
+def test_tokenizer_benchmark_runs_and_ids_agree():
+    from llmlab.data import sources
+
+    try:
+        sources.sotu_speeches()
+    except sources.MissingDataError as e:
+        pytest.skip(f"corpus not installed here: {e}")
+    result = run("tokenizer.py", "--mb", "0.3", "--vocab", "400")
+    row = result["bpe"]["400"]
+    assert row["ids_identical_to_tokenizers"] and row["vocab_learned"] == 400
+    assert row["train_s"]["llmlab"] > 0 and row["encode_mb_per_s"]["llmlab_python"] > 0

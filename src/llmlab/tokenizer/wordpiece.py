@@ -441,6 +441,25 @@ def load_wordpiece(path: str | os.PathLike) -> WordPiece:
         raise ValueError(f"{path}: {e}") from None
 
 
+def is_wordpiece_file(path: str | os.PathLike) -> bool:
+    """Whether load_wordpiece is the right reader for path: a .txt vocab, a directory with vocab.txt but no
+    tokenizer.json, or a tokenizer.json whose model type is "WordPiece". Unreadable or malformed files give
+    False, so a dispatcher can fall through to another loader, whose error message then applies."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return os.path.isfile(os.path.join(path, "vocab.txt"))
+        path = os.path.join(path, "tokenizer.json")
+    if path.endswith(".txt"):
+        return True
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("type") == "WordPiece"
+
+
 # --- training ---------------------------------------------------------------------------------------------
 
 
