@@ -40,6 +40,28 @@ def special_pattern(specials: Sequence[str]) -> "regex.Pattern | None":
     return regex.compile("(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
 
 
+def merge_with_changes(word: list[int], left: int, right: int, new: int) -> tuple[list[int], list[tuple[tuple[int, int], int]]]:
+    """merge_pair, plus the pair-count changes it causes, found from each merge site's neighbours only
+    (O(merge sites), not O(word length)): (prev, left) and (right, next) become (prev, new) and (new, next).
+    Adjacent sites chain correctly because prev is read from the output, where it may already be `new`."""
+    out: list[int] = []
+    changes: list[tuple[tuple[int, int], int]] = []
+    i, n = 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == left and word[i + 1] == right:
+            changes.append(((left, right), -1))
+            if out:
+                changes += [((out[-1], left), -1), ((out[-1], new), 1)]
+            if i + 2 < n:
+                changes += [((right, word[i + 2]), -1), ((new, word[i + 2]), 1)]
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out, changes
+
+
 def _split_specials(texts: Iterable[str], specials: Sequence[str]) -> Iterable[str]:
     # Special tokens are added verbatim; their text must not leak into the learned merges.
     pattern = special_pattern(specials)
@@ -105,21 +127,14 @@ def train_bpe(
             merges.append(pair)
             merged.add(pair)
 
-        # Update counts only for the words that contain the pair.
+        # Update counts only for the words that contain the pair, and only around each merge site.
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for i in where.pop(pair):
-            old_w = words[i]
-            new_w = merge_pair(old_w, left, right, new)
-            old_pairs, new_pairs = Counter(zip(old_w, old_w[1:])), Counter(zip(new_w, new_w[1:]))
-            for p, n in old_pairs.items():
-                delta[p] -= n * freqs[i]
-            for p, n in new_pairs.items():
+            words[i], changes = merge_with_changes(words[i], left, right, new)
+            for p, n in changes:
                 delta[p] += n * freqs[i]
-                where[p].add(i)
-            for p in old_pairs.keys() - new_pairs.keys():
-                if p != pair:
-                    where[p].discard(i)
-            words[i] = new_w
+                if n > 0:
+                    where[p].add(i)  # words that lost a pair stay listed; merging there is then a no-op
         for p, d in delta.items():
             if d == 0:
                 continue
@@ -191,22 +206,37 @@ class ByteLevelBPE:
         if cached is not None:
             return cached
         ids = [self._byte_ids[b] for b in piece.encode("utf-8")]
-        ranks = self._ranks
-        while len(ids) > 1:
-            # Merge the single lowest-rank pair, leftmost on ties -- the same order as `tokenizers`' queue,
-            # which matters only when two merges produce the same token string.
-            best, pos = None, -1
-            for j in range(len(ids) - 1):
-                r = ranks.get((ids[j], ids[j + 1]))
-                if r is not None and (best is None or r[0] < best[0]):
-                    best, pos = r, j
-            if best is None:
-                break
-            ids[pos : pos + 2] = [best[1]]
+        if len(ids) > 1:
+            ids = self._merge(ids)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[piece] = ids
         return ids
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        """Apply merges lowest rank first, leftmost on ties (the order `tokenizers` uses, which matters only
+        when two merges produce the same token). A heap of candidate pairs over a linked list of symbols keeps
+        this O(n log n) in the piece length: Chinese text without spaces makes pre-tokens hundreds long."""
+        ranks, n = self._ranks, len(ids)
+        nxt, prev, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
+        nxt[-1] = -1
+        heap = [(r[0], i) for i in range(n - 1) if (r := ranks.get((ids[i], ids[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else -1
+            if j == -1:
+                continue
+            r = ranks.get((ids[i], ids[j]))
+            if r is None or r[0] != rank:
+                continue  # stale: a neighbour was merged since this entry was pushed
+            ids[i], alive[j], nxt[i] = r[1], False, nxt[j]
+            if nxt[i] != -1:
+                prev[nxt[i]] = i
+            for a in (prev[i], i):  # the two pairs the merged symbol now takes part in
+                if a != -1 and nxt[a] != -1 and (r := ranks.get((ids[a], ids[nxt[a]]))) is not None:
+                    heapq.heappush(heap, (r[0], a))
+        return [t for t, keep in zip(ids, alive) if keep]
 
     def encode(self, text: str, parse_special: bool = True) -> list[int]:
         """Text -> ids. With parse_special=False, special-token strings in text are ordinary text, so user
