@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from llmlab.tokenizer import load, train
 from llmlab.tokenizer.bpe import merge_pair
 from llmlab.tokenizer.normalize import BertNormalizer, bert_pretokenize
-from llmlab.tokenizer.wordpiece import (
-    DEFAULT_SPECIAL_TOKENS,
-    WordPiece,
-    is_wordpiece_file,
-    load_wordpiece,
-    train_wordpiece,
-)
+from llmlab.tokenizer.tokenizer import bert_wordpiece
+from llmlab.tokenizer.wordpiece import DEFAULT_SPECIAL_TOKENS, WordPiece
+
+
+def train_wordpiece(texts, vocab_size, min_frequency=2, **kw):
+    return train(texts, kind="wordpiece", vocab_size=vocab_size, min_frequency=min_frequency, **kw)
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -78,7 +78,7 @@ def minilm():
     hf = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
     hf.no_padding()  # the file pads to 128 and truncates; we compare the raw encodings
     hf.no_truncation()
-    return d, load_wordpiece(d / "tokenizer.json"), hf
+    return d, load(d / "tokenizer.json"), hf
 
 
 @pytest.mark.parametrize("text", HELD_OUT + TRICKY)
@@ -98,7 +98,7 @@ def test_minilm_pairs_match_hf(minilm, a, b):
     enc = hf.encode(a, b)
     assert ours.encode_with_type_ids(a, b) == (enc.ids, enc.type_ids)
     assert ours.encode(a, b) == enc.ids
-    assert ours.decode(enc.ids) == hf.decode(enc.ids)
+    assert ours.decode(enc.ids, skip_special_tokens=True) == hf.decode(enc.ids)
     plain = hf.encode(a, b, add_special_tokens=False)
     assert ours.encode_with_type_ids(a, b, add_special_tokens=False) == (plain.ids, plain.type_ids)
 
@@ -108,7 +108,7 @@ def test_minilm_oov_and_layout(minilm):
     word = "supercalifragilistic" * 6  # 120 chars > max_input_chars_per_word
     assert ours.encode(word) == hf.encode(word).ids == [101, 100, 102]
     assert ours.encode("\u2603 snowman") == hf.encode("\u2603 snowman").ids  # char missing from the vocab
-    assert ours.unk_id == 100 and len(ours) == 30522
+    assert ours.model.unk_id == 100 and len(ours) == 30522
     # Writing the file back gives the same content `tokenizers` wrote (minus padding / truncation).
     original = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
     ours_dict = ours.to_hf_dict()
@@ -121,18 +121,18 @@ def test_minilm_oov_and_layout(minilm):
 
 def test_minilm_vocab_txt(minilm):
     d, ours, _ = minilm
-    from_txt = load_wordpiece(d / "vocab.txt")
+    from_txt = load(d / "vocab.txt")
     assert from_txt.vocab == ours.vocab
     for text in HELD_OUT + TRICKY:
         assert from_txt.encode(text) == ours.encode(text)
-    assert load_wordpiece(d).vocab == ours.vocab  # directory: tokenizer.json preferred
+    assert load(d).vocab == ours.vocab  # directory: tokenizer.json preferred
 
 
 def test_save_and_reload_minilm(minilm, tmp_path):
     _, ours, _ = minilm
     path = ours.save(tmp_path)
     hf = tokenizers.Tokenizer.from_file(path)
-    again = load_wordpiece(path)
+    again = load(path)
     for text in HELD_OUT:
         assert again.encode(text) == hf.encode(text).ids == ours.encode(text)
 
@@ -159,8 +159,8 @@ def test_trained_matches_hf(tok, tmp_path_factory, text):
     hf = tokenizers.Tokenizer.from_file(path)
     enc = hf.encode(text, "pair: " + text[:20])
     assert tok.encode_with_type_ids(text, "pair: " + text[:20]) == (enc.ids, enc.type_ids)
-    assert tok.decode(enc.ids) == hf.decode(enc.ids)
-    assert load_wordpiece(path).encode(text, "pair: " + text[:20]) == enc.ids
+    assert tok.decode(enc.ids, skip_special_tokens=True) == hf.decode(enc.ids)
+    assert load(path).encode(text, "pair: " + text[:20]) == enc.ids
 
 
 def _brute_force_train(texts, vocab_size, min_frequency, specials=DEFAULT_SPECIAL_TOKENS):
@@ -225,7 +225,7 @@ def test_greedy_longest_match_vs_reference_and_hf():
 
     pieces = ["[UNK]", "[CLS]", "[SEP]", "a", "b", "ab", "abc", "##a", "##b", "##c", "##bc", "##abc", "c", "##ca"]
     vocab = {t: i for i, t in enumerate(pieces)}
-    ours = WordPiece(vocab, special_tokens=["[UNK]", "[CLS]", "[SEP]"], max_input_chars_per_word=8)
+    ours = bert_wordpiece(WordPiece(vocab, max_input_chars_per_word=8), ["[UNK]", "[CLS]", "[SEP]"])
     hf_model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=8)
     rng = random.Random(0)
     words = ["abcab", "abd", "d", "ca", "cab", "abcabcab", "abcabcabc"]  # dead end, unknown char, too long
@@ -238,7 +238,7 @@ def test_greedy_longest_match_vs_reference_and_hf():
     assert ours.tokenize("abd") == ["[UNK]"]  # one unmatched char makes the whole word unknown
     # Greedy never backtracks: "ab" wins, "##c" is missing, so the word is [UNK] though "a" + "##bc" exists.
     small = {t: i for i, t in enumerate(["[UNK]", "a", "ab", "##bc"])}
-    no_backtrack = WordPiece(small, special_tokens=["[UNK]"], cls_token=None, sep_token=None)
+    no_backtrack = bert_wordpiece(WordPiece(small), ["[UNK]"])
     hf_small = models.WordPiece(small, unk_token="[UNK]")
     assert no_backtrack.tokenize("abc") == ["[UNK]"] == [t.value for t in hf_small.tokenize("abc")]
     assert no_backtrack.encode("abc ab") == [0, 2]  # no template without [CLS] / [SEP]
@@ -303,34 +303,36 @@ def test_load_errors(tmp_path, tok):
         return p
 
     with pytest.raises(ValueError, match="not valid JSON"):
-        load_wordpiece(write("{nope"))
+        load(write("{nope"))
     with pytest.raises(ValueError, match="'model' object"):
-        load_wordpiece(write({"version": "1.0"}))
-    with pytest.raises(ValueError, match="model type 'BPE'"):
-        load_wordpiece(write({**good, "model": {**good["model"], "type": "BPE"}}))
-    with pytest.raises(ValueError, match="pre_tokenizer"):
-        load_wordpiece(write({**good, "pre_tokenizer": {"type": "Whitespace"}}))
-    with pytest.raises(ValueError, match="normalizer"):
-        load_wordpiece(write({**good, "normalizer": {"type": "NFC"}}))
-    with pytest.raises(ValueError, match="decoder"):
-        load_wordpiece(write({**good, "decoder": {"type": "ByteLevel"}}))
+        load(write({"version": "1.0"}))
+    with pytest.raises(ValueError, match="model.merges a list"):
+        load(write({**good, "model": {**good["model"], "type": "BPE"}}))
+    with pytest.raises(ValueError, match="unsupported model type 'WordLevel'"):
+        load(write({**good, "model": {**good["model"], "type": "WordLevel"}}))
+    with pytest.raises(ValueError, match="unsupported pre_tokenizer 'UnicodeScripts'"):
+        load(write({**good, "pre_tokenizer": {"type": "UnicodeScripts"}}))
+    with pytest.raises(ValueError, match="unsupported normalizer 'Precompiled'"):
+        load(write({**good, "normalizer": {"type": "Precompiled", "precompiled_charsmap": ""}}))
+    with pytest.raises(ValueError, match="unsupported decoder 'CTC'"):
+        load(write({**good, "decoder": {"type": "CTC"}}))
     with pytest.raises(ValueError, match="unk_token"):
-        load_wordpiece(write({**good, "model": {**good["model"], "unk_token": "<unk>"}}))
+        load(write({**good, "model": {**good["model"], "unk_token": "<unk>"}}))
     with pytest.raises(ValueError, match="vocab ids"):
         bad_vocab = dict(good["model"]["vocab"], extra=10_000)
-        load_wordpiece(write({**good, "model": {**good["model"], "vocab": bad_vocab}}))
-    with pytest.raises(ValueError, match="post_processor"):
-        load_wordpiece(write({**good, "post_processor": {"type": "RobertaProcessing"}}))
-    with pytest.raises(ValueError, match="lstrip"):
-        added = [dict(good["added_tokens"][0], lstrip=True)] + good["added_tokens"][1:]
-        load_wordpiece(write({**good, "added_tokens": added}))
+        load(write({**good, "model": {**good["model"], "vocab": bad_vocab}}))
+    with pytest.raises(ValueError, match="RobertaProcessing.sep"):
+        load(write({**good, "post_processor": {"type": "RobertaProcessing"}}))
+    with pytest.raises(ValueError, match="model vocab gives"):
+        added = [dict(good["added_tokens"][0], id=7)] + good["added_tokens"][1:]
+        load(write({**good, "added_tokens": added}))
     with pytest.raises(ValueError, match="empty"):
-        load_wordpiece(write("", "vocab.txt"))
+        load(write("", "vocab.txt"))
     with pytest.raises(ValueError, match="appears twice"):
-        load_wordpiece(write("[UNK]\na\na\n", "vocab.txt"))
+        load(write("[UNK]\na\na\n", "vocab.txt"))
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(ValueError, match="neither"):
-        load_wordpiece(tmp_path / "empty_dir")
+    with pytest.raises(ValueError, match="directory has no tokenizer.json"):
+        load(tmp_path / "empty_dir")
 
 
 def test_encode_decode_errors(tok):
@@ -343,13 +345,10 @@ def test_encode_decode_errors(tok):
     assert tok.decode([]) == ""
 
 
-def test_is_wordpiece_file(tmp_path, tok):
-    from llmlab.tokenizer import train
-
-    bpe_path = train(CORPUS, vocab_size=300).save(tmp_path / "bpe.json")
-    wp_path = tok.save(tmp_path / "wp.json")
-    assert is_wordpiece_file(wp_path) and not is_wordpiece_file(bpe_path)
-    assert is_wordpiece_file(tok.save_vocab_txt(tmp_path))  # vocab.txt
-    assert is_wordpiece_file(tmp_path)  # directory with vocab.txt and no tokenizer.json
-    assert not is_wordpiece_file(tmp_path / "missing.json")
-    assert load_wordpiece(tmp_path / "vocab.txt").vocab == tok.vocab
+def test_vocab_txt_round_trip(tmp_path, tok):
+    path = tok.save_vocab_txt(tmp_path)
+    again = load(path)
+    assert again.vocab == tok.vocab
+    for text in HELD_OUT:
+        assert again.encode(text) == tok.encode(text)
+    assert load(tmp_path).vocab == tok.vocab  # a directory with vocab.txt and no tokenizer.json

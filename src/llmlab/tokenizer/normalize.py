@@ -1,4 +1,7 @@
-"""BERT text normalization and pre-tokenization (Devlin et al. 2019, google-research/bert `tokenization.py`).
+"""Normalizers (the first stage of a tokenizer pipeline), BERT's included (Devlin et al. 2019).
+
+Each normalizer maps str -> str and reads/writes its Hugging Face tokenizer.json object (to_hf / from_hf).
+BERT's (google-research/bert `tokenization.py`) is
 
 Written to match Hugging Face `tokenizers`' BertNormalizer and BertPreTokenizer character for character,
 since those (not the original Python code) define what tokenizer.json files mean:
@@ -16,6 +19,8 @@ categories plus all ASCII punctuation/symbols (so "$", "^", "`", "~", "+" ... sp
 """
 
 import unicodedata
+
+import regex
 
 # Unicode White_Space property (what Rust's char::is_whitespace tests).
 _WHITE_SPACE = frozenset(
@@ -108,7 +113,7 @@ class BertNormalizer:
             text = lowercase(text)
         return text
 
-    def to_hf_dict(self) -> dict:
+    def to_hf(self) -> dict:
         return {
             "type": "BertNormalizer",
             "clean_text": self.clean_text,
@@ -152,3 +157,155 @@ def bert_pretokenize(text: str) -> list[str]:
     if cur:
         pieces.append("".join(cur))
     return pieces
+
+
+# --- the pipeline's normalizers, one class per tokenizer.json "type" --------------------------------------
+
+
+class UnicodeNormalizer:
+    """NFC, NFD, NFKC or NFKD (Unicode Standard Annex #15)."""
+
+    def __init__(self, form: str):
+        if form not in ("NFC", "NFD", "NFKC", "NFKD"):
+            raise ValueError(f"unknown Unicode normalization form {form!r}; use NFC, NFD, NFKC or NFKD")
+        self.form = form
+
+    def __call__(self, text: str) -> str:
+        return unicodedata.normalize(self.form, text)
+
+    def to_hf(self) -> dict:
+        return {"type": self.form}
+
+
+class Lowercase:
+    def __call__(self, text: str) -> str:
+        return lowercase(text)
+
+    def to_hf(self) -> dict:
+        return {"type": "Lowercase"}
+
+
+class StripAccents:
+    """Drop combining marks (M* categories); put NFD in front to strip accents from precomposed letters."""
+
+    def __call__(self, text: str) -> str:
+        return "".join(c for c in text if not unicodedata.category(c).startswith("M"))
+
+    def to_hf(self) -> dict:
+        return {"type": "StripAccents"}
+
+
+class Strip:
+    """Remove leading and/or trailing whitespace."""
+
+    def __init__(self, left: bool = True, right: bool = True):
+        self.left, self.right = bool(left), bool(right)
+
+    def __call__(self, text: str) -> str:
+        ws = "".join(_WHITE_SPACE)
+        if self.left:
+            text = text.lstrip(ws)
+        if self.right:
+            text = text.rstrip(ws)
+        return text
+
+    def to_hf(self) -> dict:
+        return {"type": "Strip", "strip_left": self.left, "strip_right": self.right}
+
+
+def pattern_from_hf(pattern, where: str) -> tuple[str, bool]:
+    """A tokenizer.json pattern {"String": s} or {"Regex": r} -> (text, is_regex)."""
+    if isinstance(pattern, dict) and len(pattern) == 1:
+        (kind, value), = pattern.items()
+        if kind in ("String", "Regex") and isinstance(value, str):
+            return value, kind == "Regex"
+    raise ValueError(f"{where}: pattern must be {{\"String\": ...}} or {{\"Regex\": ...}}, got {pattern!r}")
+
+
+def compile_pattern(text: str, is_regex: bool) -> "regex.Pattern":
+    try:
+        return regex.compile(text if is_regex else regex.escape(text))
+    except regex.error as e:
+        raise ValueError(f"invalid regex {text!r}: {e}") from None
+
+
+class Replace:
+    """Replace every match of a literal string or a regex with content (e.g. " " -> "▁" for sentencepiece)."""
+
+    def __init__(self, pattern: str, content: str, is_regex: bool = False):
+        self.pattern, self.content, self.is_regex = pattern, content, is_regex
+        self._re = compile_pattern(pattern, is_regex)
+
+    def __call__(self, text: str) -> str:
+        return self._re.sub(lambda m: self.content, text)
+
+    def to_hf(self) -> dict:
+        return {"type": "Replace", "pattern": {"Regex" if self.is_regex else "String": self.pattern},
+                "content": self.content}
+
+
+class Prepend:
+    """Put a prefix in front of non-empty text (sentencepiece's dummy prefix "▁")."""
+
+    def __init__(self, prepend: str):
+        self.prepend = prepend
+
+    def __call__(self, text: str) -> str:
+        return self.prepend + text if text else text
+
+    def to_hf(self) -> dict:
+        return {"type": "Prepend", "prepend": self.prepend}
+
+
+class NormalizerSequence:
+    def __init__(self, normalizers: list):
+        self.normalizers = list(normalizers)
+
+    def __call__(self, text: str) -> str:
+        for n in self.normalizers:
+            text = n(text)
+        return text
+
+    def to_hf(self) -> dict:
+        return {"type": "Sequence", "normalizers": [n.to_hf() for n in self.normalizers]}
+
+
+def _replace_from_hf(d: dict) -> Replace:
+    pattern, is_regex = pattern_from_hf(d.get("pattern"), "Replace normalizer")
+    return Replace(pattern, _str(d, "content"), is_regex)
+
+_NORMALIZERS = {
+    "NFC": lambda d: UnicodeNormalizer("NFC"),
+    "NFD": lambda d: UnicodeNormalizer("NFD"),
+    "NFKC": lambda d: UnicodeNormalizer("NFKC"),
+    "NFKD": lambda d: UnicodeNormalizer("NFKD"),
+    "Lowercase": lambda d: Lowercase(),
+    "StripAccents": lambda d: StripAccents(),
+    "Strip": lambda d: Strip(d.get("strip_left", True), d.get("strip_right", True)),
+    "Replace": _replace_from_hf,
+    "Prepend": lambda d: Prepend(_str(d, "prepend")),
+    "BertNormalizer": lambda d: BertNormalizer.from_hf_dict(d),
+    "Sequence": lambda d: NormalizerSequence([normalizer_from_hf(n) for n in _list(d, "normalizers")]),
+}
+
+
+def _str(d: dict, key: str) -> str:
+    if not isinstance(d.get(key), str):
+        raise ValueError(f"{d.get('type')}.{key} must be a string, got {d.get(key)!r}")
+    return d[key]
+
+
+def _list(d: dict, key: str) -> list:
+    if not isinstance(d.get(key), list):
+        raise ValueError(f"{d.get('type')}.{key} must be a list, got {d.get(key)!r}")
+    return d[key]
+
+
+def normalizer_from_hf(d: dict | None):
+    """A tokenizer.json "normalizer" object -> a callable normalizer (None stays None)."""
+    if d is None:
+        return None
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind not in _NORMALIZERS:
+        raise ValueError(f"unsupported normalizer {kind!r}; supported: {', '.join(_NORMALIZERS)}")
+    return _NORMALIZERS[kind](d)
