@@ -90,7 +90,7 @@ class ByteLevel:
     def __call__(self, pieces: list[str], at_start: bool = True) -> list[str]:
         out = []
         for p in pieces:
-            if self.add_prefix_space and not p.startswith(" "):
+            if self.add_prefix_space and p and not p.startswith(" "):
                 p = " " + p
             out.extend(map(byte_symbols, self._re.findall(p) if self.use_regex else [p]))
         return out

@@ -1,0 +1,280 @@
+"""The tokenizer pipeline against Hugging Face `tokenizers` (an oracle only): each normalizer, pre-tokenizer,
+decoder and post-processor, added-token options, character-level BPE with byte fallback, GPT-4-regex BPE,
+vocab.json + merges.txt, and the compiled fast path."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmlab.tokenizer import Tokenizer, load, train
+from llmlab.tokenizer.decode import decoder_from_hf
+from llmlab.tokenizer.normalize import normalizer_from_hf
+from llmlab.tokenizer.pretokenize import GPT4_PATTERN, pre_tokenizer_from_hf
+
+tokenizers = pytest.importorskip("tokenizers")
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog did not mind; it was a very lazy dog.",
+    "Tokenizers split text into pieces. Byte pair encoding merges the most frequent pair of symbols, "
+    "again and again, until the vocabulary is large enough. It's simple, and it's what GPT-2 uses.",
+    "In 2024 the model knows 12345 numbers, 3.14 and 2024-01-01. We're testing that they'll round-trip.",
+    "def train(texts, vocab_size):\n    counts = Counter(texts)\n    return counts.most_common(10)\n",
+    "机器学习是人工智能的一个分支。深度学习是机器学习的一个分支。",
+    " ".join(["token", "tokens", "tokenizer", "tokenize", "the", "model", "lower", "newest", "widest"] * 20),
+]
+HELD_OUT = [
+    "Hello, world! This sentence was not in the training text.",
+    "I'd say THEY'RE   spaced\tout\n\nwith  tabs and newlines.  ",
+    "机器学习是人工智能的一个分支。自然语言处理很有趣！",
+    "for i in range(10):\n    print(f\"{i:>3}\")  # comment\n",
+    "emoji 🎉👍🏽 and a family 👨‍👩‍👧 and flags 🇯🇵",
+    "Ünïcödé café naïve façade — “quotes” … ½ ² ﬁ Å",
+    "",
+    " ",
+    "   leading and trailing   ",
+    "numbers 1234567 and ٣٤٥ and ²³",
+]
+
+
+def _pre(hf, text):
+    return [p for p, _ in hf.pre_tokenize_str(text)]
+
+
+# --- components -----------------------------------------------------------------------------------------
+
+NORMALIZERS = [
+    normalizers.NFC(), normalizers.NFD(), normalizers.NFKC(), normalizers.NFKD(), normalizers.Lowercase(),
+    normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()]), normalizers.Strip(),
+    normalizers.Strip(left=False, right=True), normalizers.Replace(" ", "▁"), normalizers.Replace(Regex(r"\s+"), " "),
+    normalizers.Prepend("▁"), normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]),
+    normalizers.BertNormalizer(),
+]
+
+
+@pytest.mark.parametrize("hf", NORMALIZERS, ids=lambda n: type(n).__name__)
+def test_normalizers_match_hf(hf):
+    d = json.loads(tokenizers.Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).to_str())
+    tok = tokenizers.Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    tok.normalizer = hf
+    spec = json.loads(tok.to_str())["normalizer"]
+    ours = normalizer_from_hf(spec)
+    assert ours.to_hf() == spec or ours.to_hf()["type"] == spec["type"]
+    for text in HELD_OUT:
+        assert ours(text) == hf.normalize_str(text), (spec, text)
+    assert d["normalizer"] is None
+
+
+PRE_TOKENIZERS = [
+    pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.ByteLevel(add_prefix_space=True),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Digits(individual_digits=False),
+    pre_tokenizers.Metaspace(), pre_tokenizers.Metaspace(prepend_scheme="first"),
+    pre_tokenizers.Metaspace(prepend_scheme="never", split=False),
+    pre_tokenizers.Whitespace(), pre_tokenizers.WhitespaceSplit(), pre_tokenizers.BertPreTokenizer(),
+    pre_tokenizers.Punctuation(), pre_tokenizers.Punctuation("merged_with_previous"),
+    *[pre_tokenizers.Split(Regex(r"\s+|\d"), behavior) for behavior in
+      ("removed", "isolated", "merged_with_previous", "merged_with_next", "contiguous")],
+    # [a-z] rather than \w: Oniguruma's \w and Python's differ on joiners such as U+200D.
+    pre_tokenizers.Split(Regex(r"[a-z]+"), "isolated", invert=True), pre_tokenizers.Split(" ", "merged_with_next"),
+    pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT4_PATTERN), "isolated"),
+                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                             pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+]
+
+
+@pytest.mark.parametrize("hf", PRE_TOKENIZERS, ids=lambda p: type(p).__name__)
+def test_pre_tokenizers_match_hf(hf):
+    tok = tokenizers.Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    tok.pre_tokenizer = hf
+    spec = json.loads(tok.to_str())["pre_tokenizer"]
+    ours = pre_tokenizer_from_hf(spec)
+    assert pre_tokenizer_from_hf(ours.to_hf()).to_hf() == ours.to_hf()
+    for text in HELD_OUT + ["a  b\n\n c", "'S 'LL x's DON'T", "a1b22c333d4444"]:
+        if text:  # the pipeline never pre-tokenizes empty text
+            assert ours([text]) == _pre(hf, text), (spec, text)
+
+
+DECODERS = [
+    (decoders.ByteLevel(), ["Ġhello", "<|im_end|>", "Ġw", "Ã©", "\u00e2\u0082"]),
+    (decoders.WordPiece(), ["hello", "##s", ",", "don", "'", "t", "go", "."]),
+    (decoders.Metaspace(), ["▁Hello", "▁wor", "ld", "▁"]),
+    (decoders.Metaspace(prepend_scheme="never"), ["▁Hello", "▁wor", "ld"]),
+    (decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                        decoders.Strip(" ", 1, 0)]), ["▁Hello", "<0xE2>", "<0x82>", "<0xAC>", "▁x", "<0xE2>"]),
+    (decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()]), ["▁a", "<0xF0>", "<0x9F>", "<0x8E>", "<0x89>"]),
+    (decoders.BPEDecoder(), ["hel", "lo</w>", "world</w>"]),
+    (decoders.Strip("x", 2, 1), ["xxxaxx", "xbx", "bxx"]),
+]
+
+
+@pytest.mark.parametrize("hf,tokens", DECODERS, ids=lambda x: type(x).__name__ if not isinstance(x, list) else "")
+def test_decoders_match_hf(hf, tokens):
+    tok = tokenizers.Tokenizer(models.WordLevel({"a": 0}, unk_token="a"))
+    tok.decoder = hf
+    ours = decoder_from_hf(json.loads(tok.to_str())["decoder"])
+    assert "".join(ours(tokens)) == hf.decode(tokens)
+
+
+# --- whole tokenizers --------------------------------------------------------------------------------------
+
+
+def _hf_file(hf: "tokenizers.Tokenizer", tmp_path, name="tokenizer.json"):
+    path = tmp_path / name
+    hf.save(str(path))
+    return path
+
+
+def _same_ids(ours: Tokenizer, hf, texts, pair=None):
+    for text in texts:
+        enc = hf.encode(text) if pair is None else hf.encode(text, pair)
+        assert ours.encode(text, pair) == enc.ids, text
+        assert ours.decode(enc.ids) == hf.decode(enc.ids, skip_special_tokens=False), text
+
+
+def test_llama3_style_bpe_from_hf(tmp_path):
+    """GPT-4 regex split, ByteLevel without regex, ignore_merges, BOS template: as Llama 3 ships."""
+    hf = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT4_PATTERN), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|begin_of_text|>", "<|eot_id|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                      pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+                                                      special_tokens=[("<|begin_of_text|>", 0)])
+    ours = load(_hf_file(hf, tmp_path))
+    _same_ids(ours, hf, HELD_OUT + ["<|eot_id|>x<|begin_of_text|>"])
+    _same_ids(ours, hf, HELD_OUT[:3], pair="second part")
+    assert ours.encode_with_type_ids("a", "b")[1] == hf.encode("a", "b").type_ids
+
+
+def test_char_level_bpe_with_byte_fallback_matches_hf(tmp_path):
+    ours = train(CORPUS * 2, vocab_size=400, byte_level=False, special_tokens=["<s>", "</s>"], min_frequency=2)
+    assert [ours.token_to_id(t) for t in ("<unk>", "<s>", "</s>", "<0x00>", "<0xFF>")] == [0, 1, 2, 3, 258]
+    hf = tokenizers.Tokenizer.from_file(ours.save(tmp_path / "tokenizer.json"))
+    texts = HELD_OUT + ["unseen 字 and 🎉 fall back to bytes", "<s>hi</s>"]
+    _same_ids(ours, hf, texts)
+    for text in texts:
+        if not text.startswith(" "):  # the decoder drops the first word's "▁", as sentencepiece does
+            assert ours.decode(ours.encode(text)) == text  # unknown characters are spelled in byte tokens
+    assert "<0xE5>" in ours.tokenize("字")  # 字 (E5 AD 97) is not in the training alphabet
+
+
+def test_hf_trained_metaspace_bpe_with_unk(tmp_path):
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]", fuse_unk=True, continuing_subword_prefix="##"))
+    hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"], show_progress=False,
+                                                       continuing_subword_prefix="##", limit_alphabet=40))
+    ours = load(_hf_file(hf, tmp_path))
+    for text in HELD_OUT:
+        assert ours.encode(text) == hf.encode(text).ids, text
+
+
+def test_added_token_options_match_hf(tmp_path):
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.add_special_tokens([tokenizers.AddedToken("<mask>", lstrip=True), tokenizers.AddedToken("<eos>", rstrip=True)])
+    hf.add_tokens([tokenizers.AddedToken("word", single_word=True), tokenizers.AddedToken("Hello", normalized=True),
+                   "plain added"])
+    ours = load(_hf_file(hf, tmp_path))
+    texts = ["a <mask> b", "x<eos>   y", "word words sword word.", "Hello hello", "my plain added text",
+             "<mask><eos>  <mask>", *HELD_OUT[:3]]
+    _same_ids(ours, hf, texts)
+    hf.encode_special_tokens = True
+    for text in texts:
+        assert ours.encode(text, parse_special=False) == hf.encode(text).ids, text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["<|im_start|>", "<|im_end|>", "a", " ", "<|", "im_end", "|>", "é", "\n"]),
+                max_size=12).map("".join))
+def test_special_tokens_never_split(text):
+    ours = _byte_level()
+    ids = ours.encode(text)
+    assert ids.count(ours.token_to_id("<|im_end|>")) == text.count("<|im_end|>")
+    assert ours.decode(ids) == text
+    plain = ours.encode(text, parse_special=False)
+    assert not set(plain) & {ours.token_to_id("<|im_start|>"), ours.token_to_id("<|im_end|>")}
+    assert ours.decode(plain) == text
+
+
+_CACHE = {}
+
+
+def _byte_level():
+    if "bpe" not in _CACHE:
+        _CACHE["bpe"] = train(CORPUS, vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"])
+    return _CACHE["bpe"]
+
+
+def test_roberta_processing_matches_hf(tmp_path):
+    hf = tokenizers.Tokenizer(models.WordPiece({"<s>": 0, "</s>": 1, "[UNK]": 2, "a": 3, "b": 4}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0))
+    ours = load(_hf_file(hf, tmp_path))
+    for a, b in [("a b", None), ("a", "b a"), ("c", "")]:
+        enc = hf.encode(a) if b is None else hf.encode(a, b)
+        assert ours.encode_with_type_ids(a, b) == (enc.ids, enc.type_ids)
+
+
+# --- other file formats -------------------------------------------------------------------------------------
+
+
+def test_vocab_json_and_merges_txt(tmp_path):
+    ours = _byte_level()
+    vocab_path, merges_path = ours.save_vocab_merges(tmp_path)
+    hf = tokenizers.Tokenizer(models.BPE.from_file(vocab_path, merges_path))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    again = load(vocab_path)
+    assert load(tmp_path).vocab == again.vocab == ours.vocab  # a directory holding vocab.json + merges.txt
+    assert again.special_tokens == ["<|im_start|>", "<|im_end|>"]
+    for text in HELD_OUT + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert again.encode(text) == ours.encode(text) == hf.encode(text).ids
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="merges.txt:2: expected two tokens"):
+        load(vocab_path)
+
+
+def test_save_directory_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = train(CORPUS, vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"])
+    ours.eos_token = "<|im_end|>"
+    ours.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.eos_token == "<|im_end|>"
+    for text in HELD_OUT:
+        assert hf.encode(text) == ours.encode(text)
+
+
+# --- the compiled fast path ---------------------------------------------------------------------------------
+
+
+def test_fast_path_tiktoken_gives_identical_ids():
+    pytest.importorskip("tiktoken")
+    from llmlab.tokenizer.fast import tiktoken_encoder
+
+    ours = _byte_level()
+    assert tiktoken_encoder(ours) is not None
+    texts = HELD_OUT + CORPUS + ["<|im_start|>user\nhi<|im_end|>", "x" * 300]
+    for parse_special in (True, False):
+        expected = [ours.encode(t, parse_special=parse_special) for t in texts]
+        assert ours.encode_batch(texts, parse_special=parse_special) == expected
+
+
+def test_fast_path_tokenizers_for_other_pipelines():
+    wp = train(CORPUS, kind="wordpiece", vocab_size=300, min_frequency=1)
+    char = train(CORPUS, vocab_size=400, byte_level=False)
+    for ours in (wp, char):
+        texts = HELD_OUT + ["[CLS] x [SEP]"]
+        assert ours.encode_batch(texts) == [ours.encode(t) for t in texts]
+        assert ours.encode_batch(texts, fast=False) == [ours.encode(t) for t in texts]
