@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import model
+from . import model, tokenizer
 
-GROUPS = [model]
+GROUPS = [model, tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.group is None else 2
     try:
         return args.run(args) or 0
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input or missing data: one clear line, no traceback
         print(f"llmlab: error: {e}", file=sys.stderr)
         return 2
 

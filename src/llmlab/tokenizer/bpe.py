@@ -13,6 +13,8 @@ import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from ..progress import Bar
+
 _CACHE_LIMIT = 100_000  # pre-token -> ids cache entries; cleared when full so memory stays bounded
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
@@ -207,6 +209,7 @@ def train_bpe(
     limit_alphabet: int | None = None,
     byte_fallback: bool = False,
     unk_token: str | None = None,
+    progress: bool = False,
 ) -> BPE:
     """Learn merges on pre-tokens (each character one initial symbol) until the vocab reaches vocab_size.
 
@@ -275,6 +278,7 @@ def train_bpe(
 
     merges: list[tuple[int, int]] = []
     merged: set[tuple[int, int]] = set()
+    bar = Bar(vocab_size - len(tokens), "BPE merges", progress)
     while len(tokens) < vocab_size and heap:
         neg, pair = heapq.heappop(heap)
         count = pair_counts.get(pair, 0)
@@ -291,6 +295,7 @@ def train_bpe(
         if pair not in merged:  # a pair can recur only via a reused id; record each merge once
             merges.append(pair)
             merged.add(pair)
+        bar.update()
 
         # Update counts only for the words that contain the pair, and only around each merge site.
         delta: dict[tuple[int, int], int] = defaultdict(int)
@@ -311,5 +316,6 @@ def train_bpe(
                 del pair_counts[p]
                 where.pop(p, None)
 
+    bar.close()
     return BPE({t: i for i, t in enumerate(tokens)}, [(tokens[a], tokens[b]) for a, b in merges],
                unk_token=unk_token, fuse_unk=unk_token is not None, byte_fallback=byte_fallback)

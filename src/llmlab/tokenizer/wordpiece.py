@@ -16,6 +16,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
+from ..progress import Bar
 from .bpe import merge_pair
 
 DEFAULT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -145,6 +146,7 @@ def train_wordpiece(
     unk_token: str = "[UNK]",
     continuing_subword_prefix: str = "##",
     max_input_chars_per_word: int = 100,
+    progress: bool = False,
 ) -> WordPiece:
     """Learn a WordPiece vocab of at most vocab_size tokens (specials + alphabet + merges) from pre-token
     counts.
@@ -219,6 +221,7 @@ def train_wordpiece(
     for p in pair_counts:
         push(p)
 
+    bar = Bar(vocab_size - len(tokens), "WordPiece merges", progress)
     while len(tokens) < vocab_size and heap:
         neg_score, neg_count, _, _, pair = heapq.heappop(heap)
         c = pair_counts.get(pair, 0)
@@ -231,6 +234,7 @@ def train_wordpiece(
         if new is None:  # the same string can come from different pairs; it keeps one id
             new = token_ids[new_str] = len(tokens)
             tokens.append(new_str)
+            bar.update()
 
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for i in where.pop(pair):
@@ -271,5 +275,6 @@ def train_wordpiece(
         for p in changed:
             push(p)
 
+    bar.close()
     return WordPiece({t: i for i, t in enumerate(tokens)}, unk_token=unk_token, continuing_subword_prefix=prefix,
                      max_input_chars_per_word=max_input_chars_per_word)
