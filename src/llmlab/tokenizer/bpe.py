@@ -115,6 +115,11 @@ class BPE:
         return ids
 
     def _symbols(self, word: str) -> list[int]:
+        if not (self.prefix or self.suffix):
+            try:  # the common case, every character in the vocab (always so for byte-level BPE)
+                return list(map(self.vocab.__getitem__, word))
+            except KeyError:
+                pass
         vocab, ids, last_unk = self.vocab, [], False
         n = len(word)
         for j, c in enumerate(word):
@@ -142,8 +147,19 @@ class BPE:
     def _merge(self, ids: list[int]) -> list[int]:
         """Apply merges lowest rank first, leftmost on ties (the order `tokenizers` uses, which matters only
         when two merges produce the same token). A heap of candidate pairs over a linked list of symbols keeps
-        this O(n log n) in the piece length: Chinese text without spaces makes pre-tokens hundreds long."""
+        this O(n log n) in the piece length: Chinese text without spaces makes pre-tokens hundreds long.
+        Short pieces (most words) are faster with a plain rescan for the best pair."""
         ranks, n = self._ranks, len(ids)
+        if n <= 12:
+            while True:
+                best = None
+                for i in range(len(ids) - 1):
+                    r = ranks.get((ids[i], ids[i + 1]))
+                    if r is not None and (best is None or r[0] < best[0]):
+                        best, at = r, i
+                if best is None:
+                    return ids
+                ids[at:at + 2] = [best[1]]
         nxt, prev, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
         nxt[-1] = -1
         heap = [(r[0], i) for i in range(n - 1) if (r := ranks.get((ids[i], ids[i + 1]))) is not None]

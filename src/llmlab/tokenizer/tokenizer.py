@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import regex
 
+from . import chat as chat_templates
 from .bpe import BPE
 from .decode import ByteLevelDecoder, WordPieceDecoder, decoder_from_hf
 from .normalize import BertNormalizer, normalizer_from_hf
@@ -235,17 +236,16 @@ class Tokenizer:
         return_assistant_mask=True returns {"input_ids", "assistant_mask"}, the mask being 1 on the tokens of
         assistant turns (what multi-turn SFT trains on).
         """
-        from . import chat as chat_templates
-
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template= (a Jinja template or a "
-                             f"built-in name: {', '.join(chat_templates.BUILTIN_TEMPLATES)})")
-        template = chat_templates.get_template(template) if template in chat_templates.BUILTIN_TEMPLATES else template
+                             "built-in name: chatml, llama3)")
+        if "{" not in template:  # a name: every Jinja template has a "{"
+            template = chat_templates.get_template(template)
         variables.setdefault("bos_token", self.bos_token or "")
         variables.setdefault("eos_token", self.eos_token or "")
-        text, spans = chat_templates.render_chat_with_spans(template, messages, add_generation_prompt=add_generation_prompt,
-                                                            tools=tools, **variables)
+        text, spans = chat_templates.render_chat_with_spans(
+            template, messages, add_generation_prompt=add_generation_prompt, tools=tools, **variables)
         if not tokenize:
             return text
         ids, mask = self._encode_chat(text, messages, spans)
