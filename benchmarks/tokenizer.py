@@ -1,10 +1,13 @@
-"""Tokenizer training and encoding speed: llmlab vs Hugging Face `tokenizers`, same corpus, same run.
+"""Tokenizer training and encoding speed, and quality: llmlab vs Hugging Face `tokenizers`, sentencepiece and
+tiktoken, same corpus, same run.
 
-Corpus: the English corpora of llmlab.data.sources (State of the Union + Moby Dick, about 12 MB), plus
-People's Daily in Chinese, cut to --mb megabytes. Byte-level BPE and WordPiece so far (Unigram joins when it
-lands). Encoding is measured on a held-out 1 MB slice, call by call and (for `tokenizers`) batched.
+Corpus: the English corpora of llmlab.data.sources (State of the Union + Moby Dick, about 12 MB) plus People's
+Daily in Chinese, cut to --mb megabytes. Encoding is measured on a held-out slice of about 1 MB: our Python
+encoder call by call, our fast path (encode_batch: tiktoken for byte-level BPE, else `tokenizers`),
+`tokenizers` on our own file call by call and batched. Quality: bytes per token and vocabulary use on held-out
+English and Chinese separately.
 
-    python benchmarks/tokenizer.py [--mb 20] [--vocab 8192,32768]
+    python benchmarks/tokenizer.py [--mb 20] [--vocab 8192,32768] [--kinds bpe,wordpiece,unigram]
 
 Prints one JSON object.
 """
@@ -14,119 +17,142 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import tempfile
 import time
 
 from llmlab.data import sources
-from llmlab.tokenizer import train
+from llmlab.tokenizer import load, train
+from llmlab.tokenizer.evaluate import evaluate
 
 
-def corpus(mb: float) -> tuple[list[str], list[str]]:
-    """Training documents (about mb MB) and a held-out slice of about 1 MB, split into lines."""
-    docs = [s["text"] for s in sources.sotu_speeches()] + sources.moby_dick_chapters()
-    try:
-        docs += sources.peoples_daily()
-    except sources.MissingDataError:
-        pass
-    lines = [line for d in docs for line in d.split("\n") if line.strip()]
-    lines = lines[::2] + lines[1::2]  # interleave English and Chinese-era lines less lumpily
-    held, train_lines, size = [], [], 0
-    for i, line in enumerate(lines):
-        (held if i % 20 == 0 else train_lines).append(line)
-    out = []
-    for line in train_lines:
+def _cut(lines: list[str], mb: float) -> list[str]:
+    out, size = [], 0
+    for line in lines:
         if size > mb * 1e6:
             break
         out.append(line)
         size += len(line.encode())
-    held_out, size = [], 0
-    for line in held:
-        if size > 1e6:
-            break
-        held_out.append(line)
-        size += len(line.encode())
-    return out, held_out
+    return out
+
+
+def corpus(mb: float) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """Training lines (about mb MB), a held-out slice of about 1 MB, and that slice by language."""
+    english = [line for d in [s["text"] for s in sources.sotu_speeches()] + sources.moby_dick_chapters()
+               for line in d.split("\n") if line.strip()]
+    try:
+        chinese = [line for d in sources.peoples_daily() for line in d.split("\n") if line.strip()]
+    except sources.MissingDataError:
+        chinese = []
+    held = {"english": english[::20], "chinese": chinese[::20]}
+    train_lines = [x for i, x in enumerate(english) if i % 20] + [x for i, x in enumerate(chinese) if i % 20]
+    random.Random(0).shuffle(train_lines)  # mix the languages within any prefix
+    share = {k: len(v) / max(1, sum(map(len, held.values()))) for k, v in held.items()}
+    held = {k: _cut(v, share[k]) for k, v in held.items() if v}
+    return _cut(train_lines, mb), [x for v in held.values() for x in v], held
+
+
+def _mb(lines: list[str]) -> float:
+    return sum(len(t.encode()) for t in lines) / 1e6
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def reference_tokenizers(kind: str, texts: list[str], vocab: int):
+    """The same algorithm trained by `tokenizers`, with the pipeline our train() uses."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if kind == "bpe":
+        ref = Tokenizer(models.BPE())
+        ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        ref.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif kind == "wordpiece":
+        ref = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        ref.normalizer = normalizers.BertNormalizer(lowercase=True)
+        ref.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab, min_frequency=2, show_progress=False,
+                                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    else:
+        ref = Tokenizer(models.Unigram())
+        ref.normalizer = normalizers.NFKC()
+        ref.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab, special_tokens=["<unk>"], unk_token="<unk>",
+                                          show_progress=False)
+    _, seconds = _timed(lambda: ref.train_from_iterator(texts, trainer))
+    return seconds
+
+
+def reference_sentencepiece(kind: str, texts: list[str], vocab: int) -> float | None:
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        _, seconds = _timed(lambda: spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=os.path.join(d, "m"), vocab_size=vocab, model_type=kind,
+            character_coverage=0.9995, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+            minloglevel=2))
+    return seconds
+
+
+def bench(kind: str, vocab: int, texts: list[str], held_out: list[str], by_language: dict[str, list[str]]) -> dict:
+    import tokenizers
+
+    specials = {"bpe": ["<|endoftext|>"], "wordpiece": [], "unigram": []}[kind]
+    ours, ours_s = _timed(lambda: train(texts, kind, vocab_size=vocab, special_tokens=specials, min_frequency=2))
+    row = {"vocab_learned": len(ours), "train_s": {"llmlab": round(ours_s, 2)}}
+    ref_s = reference_tokenizers(kind, texts, vocab)
+    row["train_s"]["tokenizers"] = round(ref_s, 2)
+    row["train_ratio_vs_tokenizers"] = round(ours_s / ref_s, 2)
+    if kind in ("bpe", "unigram"):
+        spm_s = reference_sentencepiece(kind, texts, vocab)
+        if spm_s is not None:
+            row["train_s"]["sentencepiece"] = round(spm_s, 2)
+            row["train_ratio_vs_sentencepiece"] = round(ours_s / spm_s, 2)
+
+    held_mb = _mb(held_out)
+    with tempfile.TemporaryDirectory() as d:
+        path = ours.save(os.path.join(d, "tokenizer.json"))
+        lib = tokenizers.Tokenizer.from_file(path)
+        ours = load(path)  # a fresh cache, as a user's encoder starts
+    ours_ids, python_s = _timed(lambda: [ours.encode(t) for t in held_out])
+    fast_ids, fast_s = _timed(lambda: ours.encode_batch(held_out))
+    lib_ids, lib_s = _timed(lambda: [lib.encode(t).ids for t in held_out])
+    _, lib_batch_s = _timed(lambda: lib.encode_batch(held_out))
+    from llmlab.tokenizer.fast import tiktoken_encoder
+
+    row["fast_path"] = "tiktoken" if tiktoken_encoder(ours) is not None else "tokenizers"
+    row["encode_mb_per_s"] = {"llmlab_python": round(held_mb / python_s, 2), "llmlab_fast": round(held_mb / fast_s, 2),
+                              "tokenizers_call_by_call": round(held_mb / lib_s, 2),
+                              "tokenizers_batched": round(held_mb / lib_batch_s, 2)}
+    row["ids_identical"] = {"tokenizers": ours_ids == lib_ids, "fast_path": ours_ids == fast_ids}
+    row["quality"] = {}
+    for lang, lines in by_language.items():
+        q = evaluate(ours, lines)
+        row["quality"][lang] = {"bytes_per_token": round(q["bytes_per_token"], 3),
+                                "vocab_used": round(q["vocab_used"], 3), "unk_rate": round(q["unk_rate"], 4)}
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mb", type=float, default=20)
     p.add_argument("--vocab", default="8192,32768")
+    p.add_argument("--kinds", default="bpe,wordpiece,unigram")
     args = p.parse_args()
     import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    texts, held_out = corpus(args.mb)
-    train_mb = sum(len(t.encode()) for t in texts) / 1e6
-    held_mb = sum(len(t.encode()) for t in held_out) / 1e6
-    result = {"benchmark": "tokenizer", "train_mb": round(train_mb, 2), "held_out_mb": round(held_mb, 2),
-              "tokenizers_version": tokenizers.__version__, "bpe": {}}
-    for vocab in map(int, args.vocab.split(",")):
-        t = time.perf_counter()
-        ours = train(texts, vocab_size=vocab, special_tokens=["<|endoftext|>"], min_frequency=2)
-        ours_s = time.perf_counter() - t
-
-        ref = tokenizers.Tokenizer(models.BPE())
-        ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        ref.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab, min_frequency=2, special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        t = time.perf_counter()
-        ref.train_from_iterator(texts, trainer)
-        ref_s = time.perf_counter() - t
-
-        # Encoding: our Python encoder call by call; `tokenizers` on our own merges (so ids are comparable).
-        with tempfile.TemporaryDirectory() as d:
-            ours_file = tokenizers.Tokenizer.from_file(ours.save(os.path.join(d, "tokenizer.json")))
-        t = time.perf_counter()
-        ours_ids = [ours.encode(line) for line in held_out]
-        enc_ours = time.perf_counter() - t
-        t = time.perf_counter()
-        ref_ids = [e.ids for e in (ours_file.encode(line) for line in held_out)]
-        enc_ref = time.perf_counter() - t
-        t = time.perf_counter()
-        ours_file.encode_batch(held_out)
-        enc_ref_batch = time.perf_counter() - t
-        n_tokens = sum(map(len, ours_ids))
-        result["bpe"][str(vocab)] = {
-            "train_s": {"llmlab": round(ours_s, 2), "tokenizers": round(ref_s, 2)},
-            "train_slowdown_vs_tokenizers": round(ours_s / ref_s, 2),
-            "encode_mb_per_s": {"llmlab_python": round(held_mb / enc_ours, 2),
-                                "tokenizers_call_by_call": round(held_mb / enc_ref, 2),
-                                "tokenizers_batched": round(held_mb / enc_ref_batch, 2)},
-            "ids_identical_to_tokenizers": ours_ids == ref_ids,
-            "bytes_per_token_held_out": round(held_mb * 1e6 / n_tokens, 3),
-            "vocab_learned": len(ours),
-        }
-    result["wordpiece"] = {}
-    for vocab in map(int, args.vocab.split(",")):
-        t = time.perf_counter()
-        ours = train(texts, "wordpiece", vocab_size=vocab, min_frequency=2)
-        ours_s = time.perf_counter() - t
-        ref = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        ref.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-        ref.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab, min_frequency=2, show_progress=False,
-                                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-        t = time.perf_counter()
-        ref.train_from_iterator(texts, trainer)
-        ref_s = time.perf_counter() - t
-        with tempfile.TemporaryDirectory() as d:
-            ours_file = tokenizers.Tokenizer.from_file(ours.save(os.path.join(d, "tokenizer.json")))
-        t = time.perf_counter()
-        ours_ids = [ours.encode(line) for line in held_out]
-        enc_ours = time.perf_counter() - t
-        t = time.perf_counter()
-        ref_ids = [ours_file.encode(line).ids for line in held_out]
-        enc_ref = time.perf_counter() - t
-        result["wordpiece"][str(vocab)] = {
-            "train_s": {"llmlab": round(ours_s, 2), "tokenizers": round(ref_s, 2)},
-            "train_slowdown_vs_tokenizers": round(ours_s / ref_s, 2),
-            "encode_mb_per_s": {"llmlab_python": round(held_mb / enc_ours, 2),
-                                "tokenizers_call_by_call": round(held_mb / enc_ref, 2)},
-            "ids_identical_to_tokenizers": ours_ids == ref_ids,
-            "vocab_learned": len(ours),
-        }
+    texts, held_out, by_language = corpus(args.mb)
+    result = {"benchmark": "tokenizer", "train_mb": round(_mb(texts), 2), "held_out_mb": round(_mb(held_out), 2),
+              "cpus": os.cpu_count(), "tokenizers_version": tokenizers.__version__}
+    for kind in args.kinds.split(","):
+        result[kind] = {str(v): bench(kind, v, texts, held_out, by_language) for v in map(int, args.vocab.split(","))}
     print(json.dumps(result, indent=2))
 
 

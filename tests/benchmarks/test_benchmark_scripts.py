@@ -39,7 +39,9 @@ def test_tokenizer_benchmark_runs_and_ids_agree():
         sources.sotu_speeches()
     except sources.MissingDataError as e:
         pytest.skip(f"corpus not installed here: {e}")
-    result = run("tokenizer.py", "--mb", "0.3", "--vocab", "400")
-    row = result["bpe"]["400"]
-    assert row["ids_identical_to_tokenizers"] and row["vocab_learned"] == 400
-    assert row["train_s"]["llmlab"] > 0 and row["encode_mb_per_s"]["llmlab_python"] > 0
+    result = run("tokenizer.py", "--mb", "0.3", "--vocab", "400", "--kinds", "bpe,wordpiece")
+    for kind in ("bpe", "wordpiece"):
+        row = result[kind]["400"]
+        assert row["ids_identical"] == {"tokenizers": True, "fast_path": True} and row["vocab_learned"] == 400
+        assert row["train_s"]["llmlab"] > 0 and row["encode_mb_per_s"]["llmlab_python"] > 0
+        assert row["quality"]["english"]["bytes_per_token"] > 1
