@@ -1,0 +1,65 @@
+"""The real SmolLM2-135M-Instruct, loaded from its GGUF by llmlab.load, against transformers loading the same
+file: logits, tokenizer ids and a greedy answer."""
+
+import pytest
+import torch
+
+import llmlab
+from llmlab.io.assets import AssetNotFoundError, asset_path
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "机器学习是人工智能的一个分支，",
+           "Once upon a time, in a land far away"]
+TEXTS = PROMPTS + ["emoji 🎉👍🏽 and 12345 numbers, tabs\tand  spaces", "<|im_start|>user\nhi<|im_end|>",
+                   "Ünïcödé café — “quotes” …", "日本語のテキスト、한국어"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    try:
+        path = asset_path("smollm2-135m-instruct")
+    except AssetNotFoundError as e:
+        pytest.skip(str(e))
+    model, tok = llmlab.load("smollm2-135m-instruct")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            torch_dtype=torch.float32).eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tok, ref, ref_tok
+
+
+def test_logits_match_transformers(pair):
+    model, tok, ref, ref_tok = pair
+    batch = [tok.encode(p) for p in PROMPTS]
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(b)) + b for b in batch])  # left padding
+    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+    with torch.no_grad():
+        ours = model(ids, mask).logits
+        for i, b in enumerate(batch):
+            theirs = ref(torch.tensor([b])).logits[0]
+            torch.testing.assert_close(ours[i, width - len(b):], theirs, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_matches_transformers(pair):
+    _, tok, _, ref_tok = pair
+    for text in TEXTS:
+        assert tok.encode(text) == ref_tok.encode(text), text
+        assert tok.decode(tok.encode(text)) == ref_tok.decode(ref_tok.encode(text)) == text
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.apply_chat_template(messages, add_generation_prompt=True) == \
+        ref_tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
+def test_greedy_answer_names_paris(pair):
+    model, tok, _, _ = pair
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert "Paris" in tok.decode(ids[-12:])
