@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import model, tokenizer
+from . import convert, model, tokenizer
 
-GROUPS = [model, tokenizer]
+GROUPS = [model, tokenizer, convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

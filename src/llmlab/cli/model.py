@@ -60,7 +60,57 @@ def print_cost_table(cfg: ModelConfig, seq_len: int, batch: int, title: str, con
     console.print(table)
 
 
+def describe(source: str) -> tuple[ModelConfig, dict]:
+    """The config of a saved model (named asset, .gguf, Hugging Face or llmlab directory) and facts about its
+    files: format, weight dtypes as stored, size on disk."""
+    from ..io.assets import ASSETS, asset_path
+    from ..io.checkpoint import read_json
+    from ..io.hf import config_from_hf
+
+    path = asset_path(source) if source in ASSETS else Path(source)
+    if path.suffix == ".gguf":
+        from ..io.gguf import read_gguf
+
+        g = read_gguf(path)
+        return config_from_hf(g.hf_config), {"format": "gguf", "architecture": "llama",
+                                             "stored_dtypes": g.metadata["tensor_types"],
+                                             "size_on_disk_mib": path.stat().st_size / 2**20}
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a model directory with config.json, a .gguf file or a named asset "
+                         f"({', '.join(ASSETS)})")
+    raw = read_json(path / "config.json")
+    is_hf = "model_type" in raw or "architectures" in raw
+    cfg = config_from_hf(raw) if is_hf else ModelConfig.from_dict(raw)
+    dtypes: dict[str, int] = {}
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                name = str(st.get_slice(k).get_dtype())
+                dtypes[name] = dtypes.get(name, 0) + 1
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    arch = (raw.get("architectures") or [raw.get("model_type")])[0] if is_hf else "llmlab"
+    return cfg, {"format": "hf" if is_hf else "llmlab", "architecture": arch, "stored_dtypes": dtypes,
+                 "size_on_disk_mib": size / 2**20}
+
+
 def _info(args: argparse.Namespace) -> int:
+    if args.source:
+        cfg, facts = describe(args.source)
+        seq = args.seq_len or min(cfg.max_seq_len, 256)
+        facts = {"source": args.source, **facts, "params": cfg.num_parameters(),
+                 "kv_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2)}
+        if args.json:
+            print(json.dumps({**facts, "config": cfg.to_dict()}, indent=2))
+            return 0
+        table = Table(title=f"llmlab model: {args.source}", show_header=False)
+        for k, v in facts.items():
+            table.add_row(k, f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+        console = Console()
+        console.print(table)
+        print_cost_table(cfg, seq, args.batch, "the same model with each attention variant", console)
+        return 0
     if args.config:
         cfg = ModelConfig.from_json(args.config)
         name = args.config
@@ -84,6 +134,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     p.set_defaults(group_parser=p)
     commands = p.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="parameters, FLOPs, KV-cache and activation memory per attention variant")
+    info.add_argument("source", nargs="?", help="a saved model: named asset, .gguf, Hugging Face or llmlab directory")
     src = info.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=list(PRESETS), default="micro")
     src.add_argument("--depth", type=int, help="derive the size from a depth (the size dial)")
