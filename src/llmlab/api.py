@@ -27,6 +27,14 @@ def _tokenizer_in(directory: Path) -> Tokenizer | None:
     return load_tokenizer(directory) if any((directory / f).is_file() for f in _TOKENIZER_FILES) else None
 
 
+class _ReadOnce(dict):
+    """A state dict that lets go of each tensor when it is read: fusing q/k/v and gate/up then never holds
+    the parts and the fused copy of every layer at once."""
+
+    def __getitem__(self, key):
+        return self.pop(key)
+
+
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu") -> tuple[Transformer, Tokenizer]:
     """A llama-architecture GGUF: weights dequantized, rotary rows un-permuted, tokenizer and chat template
     rebuilt from the metadata."""
@@ -34,7 +42,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, devi
 
     g = read_gguf(path, dtype=dtype or torch.float32)
     cfg = config_from_hf(g.hf_config)
-    model = build_model(cfg, state_dict_from_hf(g.state_dict, cfg, g.hf_config), source=Path(path), device=device)
+    hf_sd = _ReadOnce(g.state_dict)
+    g.state_dict.clear()
+    model = build_model(cfg, state_dict_from_hf(hf_sd, cfg, g.hf_config), source=Path(path), device=device)
     config = {**g.tokenizer_config, "chat_template": g.chat_template}
     return model, Tokenizer.from_hf_dict(g.tokenizer_json, config)
 

@@ -45,3 +45,16 @@ def test_tokenizer_benchmark_runs_and_ids_agree():
         assert row["ids_identical"] == {"tokenizers": True, "fast_path": True} and row["vocab_learned"] == 400
         assert row["train_s"]["llmlab"] > 0 and row["encode_mb_per_s"]["llmlab_python"] > 0
         assert row["quality"]["english"]["bytes_per_token"] > 1
+
+
+@pytest.mark.slow
+def test_load_benchmark_reports_both_loaders():
+    from llmlab.io.assets import AssetNotFoundError, asset_path
+
+    try:
+        asset_path("smollm2-135m-instruct")
+    except AssetNotFoundError as e:
+        pytest.skip(str(e))
+    result = run("load.py", "--repeats", "1")
+    assert result["llmlab"]["params"] == result["transformers"]["params"]
+    assert result["llmlab"]["seconds"] > 0 and result["llmlab"]["peak_rss_mib"] > 0
