@@ -1,7 +1,9 @@
 """`make demo`: the most complete end-to-end path llmlab has today.
 
 Builds the `micro` model, prints what each attention variant costs (parameters, training FLOPs, KV cache,
-activations), then runs a forward and backward pass of every variant and one cached decoding check.
+activations), then runs a forward and backward pass of every variant and one cached decoding check. Then
+trains a byte-level BPE tokenizer on Moby Dick and loads the real SmolLM2-135M-Instruct from its GGUF to answer
+a question through its chat template (each skipped, saying why, when its data is not installed).
 """
 
 from __future__ import annotations
@@ -41,7 +43,57 @@ def main() -> None:
         err = (steps - full[:, 8:]).abs().max().item()
         console.print(f"     cached decoding of 8 tokens matches the full forward (max |Δlogit| = {err:.1e}), "
                       f"cache holds {cache.nbytes() // 16:,} bytes per token in fp32")
+    tokenizer_demo(console)
+    chat_demo(console)
     console.rule("[green]done")
+
+
+def tokenizer_demo(console: Console) -> None:
+    from .data import sources
+    from .tokenizer import train
+    from .tokenizer.evaluate import evaluate
+
+    console.rule("[bold]a tokenizer trained here")
+    try:
+        chapters = sources.moby_dick_chapters()
+    except sources.MissingDataError as e:
+        console.print(f"skipped: {e}")
+        return
+    lines = [line for c in chapters for line in c.split("\n") if line.strip()]
+    t = time.perf_counter()
+    tok = train(lines[1::2], vocab_size=2048, special_tokens=["<|endoftext|>"])
+    console.print(f"byte-level BPE, vocab {len(tok)}, trained on half of Moby Dick in {time.perf_counter() - t:.1f}s")
+    q = evaluate(tok, lines[::2])
+    console.print(f"held-out half: {q['bytes_per_token']:.2f} bytes/token, {q['vocab_used']:.0%} of the vocab used; "
+                  f"'Call me Ishmael.' -> {[tok.id_to_token(i) for i in tok.encode('Call me Ishmael.')]}")
+
+
+def chat_demo(console: Console) -> None:
+    from .api import load
+    from .io.assets import AssetNotFoundError
+
+    console.rule("[bold]a real model: SmolLM2-135M-Instruct from its GGUF")
+    t = time.perf_counter()
+    try:
+        model, tok = load("smollm2-135m-instruct")
+    except AssetNotFoundError as e:
+        console.print(f"skipped: {e}")
+        return
+    console.print(f"loaded {model.num_parameters() / 1e6:.1f}M parameters and the tokenizer in {time.perf_counter() - t:.1f}s")
+    question = "What is the capital of France?"
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    cache, out = KVCache(), []
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), cache=cache).logits
+        t = time.perf_counter()
+        for _ in range(24):  # greedy decoding with the KV cache
+            nxt = int(logits[0, -1].argmax())
+            if nxt == tok.token_to_id("<|im_end|>"):
+                break
+            out.append(nxt)
+            logits = model(torch.tensor([[nxt]]), cache=cache).logits
+    console.print(f"user: {question}\nassistant: {tok.decode(out)}   "
+                  f"({len(out) / (time.perf_counter() - t):.1f} tokens/s, greedy)")
 
 
 if __name__ == "__main__":
