@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmlab.tokenizer import load, train
 from llmlab.tokenizer.bpe import merge_pair
@@ -352,3 +354,18 @@ def test_vocab_txt_round_trip(tmp_path, tok):
     for text in HELD_OUT:
         assert again.encode(text) == tok.encode(text)
     assert load(tmp_path).vocab == tok.vocab  # a directory with vocab.txt and no tokenizer.json
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abcdé", min_size=1, max_size=12))
+def test_oov_handling_property(word):
+    """Any word over an alphabet the vocab only partly covers: ours = brute-force reference = `tokenizers`."""
+    from tokenizers import models
+
+    pieces = ["[UNK]", "a", "b", "ab", "abc", "##a", "##b", "##c", "##bc", "##abc", "c", "##ca"]
+    vocab = {t: i for i, t in enumerate(pieces)}
+    ours = bert_wordpiece(WordPiece(vocab, max_input_chars_per_word=8), ["[UNK]"], lowercase=False)
+    hf_model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=8)
+    expected = _reference_split(word, vocab, 8)
+    assert ours.model.tokenize(word) == [vocab[t] for t in expected]
+    assert [t.value for t in hf_model.tokenize(word)] == expected
