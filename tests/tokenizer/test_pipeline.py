@@ -278,3 +278,29 @@ def test_fast_path_tokenizers_for_other_pipelines():
         texts = HELD_OUT + ["[CLS] x [SEP]"]
         assert ours.encode_batch(texts) == [ours.encode(t) for t in texts]
         assert ours.encode_batch(texts, fast=False) == [ours.encode(t) for t in texts]
+
+
+# --- Unigram through the whole pipeline -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_trained_unigram_matches_hf(tmp_path, byte_fallback):
+    ours = train(CORPUS * 3, kind="unigram", vocab_size=300 if not byte_fallback else 560,
+                 byte_fallback=byte_fallback)
+    hf = tokenizers.Tokenizer.from_file(ours.save(tmp_path / "tokenizer.json"))
+    texts = HELD_OUT + ["unseen 字 and 🎉 <unk> text"]
+    _same_ids(ours, hf, texts)
+    if byte_fallback:
+        assert ours.model.unk_id not in ours.encode("unseen 字 🎉")
+        assert ours.decode(ours.encode("unseen 字 🎉")) == "unseen 字 🎉"
+
+
+def test_hf_trained_unigram_loads(tmp_path):
+    hf = tokenizers.Tokenizer(models.Unigram())
+    hf.normalizer = normalizers.NFKC()
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.train_from_iterator(CORPUS * 3, trainers.UnigramTrainer(vocab_size=200, special_tokens=["<unk>", "<s>"],
+                                                               unk_token="<unk>", show_progress=False))
+    ours = load(_hf_file(hf, tmp_path))
+    _same_ids(ours, hf, HELD_OUT + ["<s>x y", "Ⅻ ﬁ ①"])
