@@ -30,12 +30,11 @@ from __future__ import annotations
 import math
 import numbers
 import random
-import sys
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from ..progress import Bar
 from .bpe import BYTE_TOKENS
 
 SPACE = "\u2581"  # the Metaspace marker "▁" that starts every pre-token
@@ -568,22 +567,20 @@ def train_unigram(word_counts: dict[str, int], vocab_size: int, *, special_token
         raise ValueError(f"vocab_size={vocab_size} is too small: the {len(chars)} distinct characters of the corpus "
                          f"plus {len(fixed)} special/unk/byte tokens need at least {len(fixed) + len(chars)}")
     n_learn = vocab_size - len(fixed)
-    t0 = time.perf_counter()
 
     counts = np.fromiter((word_counts[w] for w in words), dtype=np.float64, count=len(words))
     strings, log_p, lat, occurrence, piece_len, n_chars = _seed(words, counts, max_piece_length, seed_size)
     alive = np.ones(len(strings), dtype=bool)
     desired = int(n_learn * 1.1)  # sentencepiece prunes to 1.1 × the target, then keeps the best-scoring pieces
-    rnd = 0
+    bar, shown = Bar(max(0, len(strings) - desired), "Unigram pruning", progress), len(strings)
     while True:
         for _ in range(n_sub_iterations):
-            expected, objective = _e_step(lat, log_p, counts)
+            expected, _ = _e_step(lat, log_p, counts)
             log_p, alive = _m_step(expected, alive, n_chars)
             lat = lat.keep(alive, min_drop=0.1)
         size = int(alive.sum())
-        if progress:
-            print(f"unigram round {rnd}: {size} pieces, -log L per word {objective:.4f}, "
-                  f"{lat.n_edges} lattice edges, {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        bar.update(shown - size)
+        shown = size
         if size <= desired:
             break
         new_alive = _prune(lat, log_p, alive, counts, occurrence, piece_len, n_chars,
@@ -592,7 +589,7 @@ def train_unigram(word_counts: dict[str, int], vocab_size: int, *, special_token
             break
         alive = new_alive
         lat = lat.keep(alive)
-        rnd += 1
+    bar.close()
 
     # Finalize: all characters, then the best-scoring pieces; learned pieces equal to a fixed token are skipped.
     taken = set(fixed)
