@@ -304,3 +304,15 @@ def test_hf_trained_unigram_loads(tmp_path):
                                                                unk_token="<unk>", show_progress=False))
     ours = load(_hf_file(hf, tmp_path))
     _same_ids(ours, hf, HELD_OUT + ["<s>x y", "Ⅻ ﬁ ①"])
+
+
+def test_unigram_sampled_encoding():
+    ours = train(CORPUS * 3, kind="unigram", vocab_size=300)
+    text = "tokenizers split the newest model"
+    best = ours.encode(text)
+    samples = {tuple(ours.encode_sampled(text, alpha=0.1, seed=s)) for s in range(30)}
+    assert len(samples) > 1 and all(ours.decode(list(s)) == text for s in samples)
+    assert ours.encode_sampled(text, alpha=50.0, seed=0) == best  # a sharp distribution picks the Viterbi path
+    assert ours.encode_sampled(text, seed=3) == ours.encode_sampled(text, seed=3)
+    with pytest.raises(ValueError, match="needs a Unigram model"):
+        _byte_level().encode_sampled(text)

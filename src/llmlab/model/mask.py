@@ -30,11 +30,14 @@ class AttentionMask:
     prefix_len: torch.Tensor | None = None  # [B]: keys at positions < prefix_len are seen by every query
     window: int | None = None  # sliding window: a query sees keys with 0 <= i - j < window
     alibi: torch.Tensor | None = None  # [H] ALiBi slopes: bias -slope·|i - j|
+    document_ids: torch.Tensor | None = None  # [B, T]: packed documents; a query sees keys of its own document
+
 
     @property
     def is_trivial(self) -> bool:
         """Nothing but (optionally) plain causality with queries aligned to the end of the keys."""
-        return self.key_valid is None and self.prefix_len is None and self.window is None and self.alibi is None
+        return (self.key_valid is None and self.prefix_len is None and self.window is None and self.alibi is None
+                and self.document_ids is None)
 
     def block(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor | None:
         """Additive float32 bias for queries [q0, q1) and keys [k0, k1): [B or 1, H or 1, q1-q0, k1-k0]."""
@@ -53,6 +56,10 @@ class AttentionMask:
         if self.key_valid is not None:
             valid = self.key_valid[:, None, k0:k1]
             allowed = valid if allowed is None else allowed & valid
+        if self.document_ids is not None:
+            docs = self.document_ids
+            same = docs[:, q0:q1, None] == docs[:, None, k0:k1]
+            allowed = same if allowed is None else allowed & same
         bias = None
         if allowed is not None:
             zero = torch.zeros((), device=device)

@@ -110,6 +110,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         prefix_len: torch.Tensor | int | None = None,
+        document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
@@ -117,12 +118,23 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         """input_ids [B, T] (int); attention_mask [B, T] or, with a cache, [B, cached + T] (1 = real token);
         prefix_len [B] or int: length of the bidirectional prefix (prefix_lm only).
+        document_ids [B, T]: several documents packed in one row; attention stays inside each document and
+        positions restart at each document (unless position_ids are given), so every document gets exactly
+        the logits it gets alone.
         return_logits=False with labels on an LM head computes the loss chunk by chunk without ever holding
         the [B, T, vocab] logits (losses.linear_cross_entropy); out.logits is then None."""
         cfg = self.cfg
         self._check_input(input_ids, attention_mask, prefix_len, cache)
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
+        if document_ids is not None:
+            if cache is not None or document_ids.shape != input_ids.shape:
+                raise ValueError(f"document_ids must have the shape of input_ids {tuple(input_ids.shape)} and "
+                                 "cannot be combined with a KV cache (it is for packed training batches)")
+            if position_ids is None:  # restart positions at each document: index minus its document's start
+                idx = torch.arange(T, device=input_ids.device).expand(B, T)
+                starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)
+                position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values
         key_valid, positions = self._keys_and_positions(input_ids, attention_mask, position_ids, cache, offset)
 
         h = self.tok_emb(input_ids)
@@ -147,7 +159,7 @@ class Transformer(nn.Module):
         mask = AttentionMask(
             causal=cfg.is_causal, n_queries=T, n_keys=offset + T, q_offset=offset, key_valid=key_valid,
             key_pos=key_pos, prefix_len=prefix_len, window=cfg.sliding_window,
-            alibi=self.alibi if cfg.position == "alibi" else None,
+            alibi=self.alibi if cfg.position == "alibi" else None, document_ids=document_ids,
         )
 
         aux_total, attentions = None, [] if need_weights else None

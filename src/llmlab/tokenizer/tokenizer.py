@@ -9,6 +9,7 @@ parse_special=False special ones are ordinary text, which is how user input is k
 
 import json
 import os
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -155,7 +156,8 @@ class Tokenizer:
             out.append((text[pos:], None))
         return out
 
-    def _encode_sequence(self, text: str, parse_special: bool) -> list[int]:
+    def _encode_sequence(self, text: str, parse_special: bool, tokenize=None) -> list[int]:
+        tokenize = tokenize or self.model.tokenize
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = []
@@ -173,7 +175,7 @@ class Tokenizer:
                 elif sub:
                     pieces = self.pre_tokenizer([sub], at_start) if self.pre_tokenizer is not None else [sub]
                     for piece in pieces:
-                        ids.extend(self.model.tokenize(piece))
+                        ids.extend(tokenize(piece))
                 at_start = False
         return ids
 
@@ -192,6 +194,16 @@ class Tokenizer:
         for anything a user typed)."""
         return self.encode_with_type_ids(text, pair, add_special_tokens=add_special_tokens,
                                          parse_special=parse_special)[0]
+
+    def encode_sampled(self, text: str, *, alpha: float = 0.1, nbest_size: int = -1, seed: int | None = None,
+                       parse_special: bool = True) -> list[int]:
+        """Subword regularization (Kudo 2018): each pre-token's segmentation is sampled from the Unigram model
+        with P(x) proportional to p(x)^alpha (from all segmentations, or the nbest_size best), a different one
+        per call -- a data augmentation for training. No post-processing is applied."""
+        if not hasattr(self.model, "sample"):
+            raise ValueError(f"sampled encoding needs a Unigram model; this tokenizer's is {type(self.model).__name__}")
+        rng = random.Random(seed)
+        return self._encode_sequence(text, parse_special, lambda w: self.model.sample(w, alpha, nbest_size, rng))
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True, parse_special: bool = True,
                      fast: bool = True) -> list[list[int]]:
