@@ -20,7 +20,7 @@ from .bpe import BPE
 from .decode import ByteLevelDecoder, WordPieceDecoder, decoder_from_hf
 from .normalize import BertNormalizer, normalizer_from_hf
 from .postprocess import TemplateProcessing, post_processor_from_hf
-from .pretokenize import BertPreTokenizer, ByteLevel, pre_tokenizer_from_hf
+from .pretokenize import BertPreTokenizer, ByteLevel, byte_symbols, pre_tokenizer_from_hf
 from .wordpiece import WordPiece, read_vocab_txt, write_vocab_txt
 
 
@@ -105,6 +105,11 @@ class Tokenizer:
             if tok is not None and self.token_to_id(tok) is None:
                 raise ValueError(f"{name} {tok!r} is not in the vocab; special tokens are {specials}")
         self._fast = None
+        # GPT-2-style pipelines (nothing but the ByteLevel regex split before the model) take a shortcut:
+        # a cache keyed by the raw regex piece, which skips spelling cached pieces in the byte alphabet.
+        plain = isinstance(pre_tokenizer, ByteLevel) and pre_tokenizer.use_regex and not pre_tokenizer.add_prefix_space
+        self._piece_re = ByteLevel._re if plain and normalizer is None and not normed else None
+        self._piece_cache: dict[str, list[int]] = {}
 
     # --- vocabulary ------------------------------------------------------------------------------------
 
@@ -157,6 +162,7 @@ class Tokenizer:
         return out
 
     def _encode_sequence(self, text: str, parse_special: bool, tokenize=None) -> list[int]:
+        shortcut = tokenize is None and self._piece_re is not None
         tokenize = tokenize or self.model.tokenize
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
@@ -169,6 +175,9 @@ class Tokenizer:
                 continue
             if self.normalizer is not None:
                 chunk = self.normalizer(chunk)
+            if shortcut:
+                ids.extend(self._byte_level_pieces(chunk))
+                continue
             for sub, added2 in self._split(chunk, self._norm_all if parse_special else self._norm_plain):
                 if added2 is not None:
                     ids.append(added2)
@@ -177,6 +186,17 @@ class Tokenizer:
                     for piece in pieces:
                         ids.extend(tokenize(piece))
                 at_start = False
+        return ids
+
+    def _byte_level_pieces(self, chunk: str) -> list[int]:
+        cache, ids = self._piece_cache, []
+        for piece in self._piece_re.findall(chunk):
+            got = cache.get(piece)
+            if got is None:
+                if len(cache) >= 100_000:
+                    cache.clear()
+                got = cache[piece] = self.model.tokenize(byte_symbols(piece))
+            ids += got
         return ids
 
     def encode_with_type_ids(self, text: str, pair: str | None = None, *, add_special_tokens: bool = True,
