@@ -103,3 +103,24 @@ def english_text() -> str:
 
 def chinese_text() -> str:
     return "\n".join(peoples_daily())
+
+
+# A paragraph that ends a sentence (or a quotation, a bracketed dateline, an enumeration) closes its text.
+_CLOSING = tuple("。！？；：…”’）)」』!?.;:")
+
+
+def peoples_daily_articles() -> list[str]:
+    """People's Daily grouped into articles, paragraphs joined by newlines (about 2,900 articles).
+
+    The file marks no article boundaries, so they are inferred: a headline is a paragraph without closing
+    punctuation that follows one with it (bylines and sub-headlines right after a headline stay with it).
+    A heuristic, but it keeps each story's paragraphs together, which is what document-level splits need."""
+    articles: list[list[str]] = []
+    previous_closed = True
+    for paragraph in peoples_daily():
+        closed = paragraph.endswith(_CLOSING)
+        if not articles or (previous_closed and not closed):
+            articles.append([])
+        articles[-1].append(paragraph)
+        previous_closed = closed
+    return ["\n".join(a) for a in articles]
