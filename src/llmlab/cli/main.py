@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, model, tokenizer
+from . import convert, model, tokenizer, train
 
-GROUPS = [model, tokenizer, convert]
+GROUPS = [model, tokenizer, convert, train]
 
 
 def build_parser() -> argparse.ArgumentParser:
