@@ -45,3 +45,16 @@ def test_model_loss_without_logits_equals_the_plain_loss_and_gradients():
         torch.testing.assert_close(l1, l0)
         for a, b in zip(g0, g1):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_no_grad_skips_the_gradient_work():
+    from llmlab.model.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (64,))
+    with torch.no_grad():
+        evaluated = linear_cross_entropy(h, w, y, chunk=16)
+    assert not evaluated.requires_grad
+    torch.testing.assert_close(evaluated, torch.nn.functional.cross_entropy(h @ w.t(), y).detach())

@@ -20,9 +20,10 @@ import torch
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, ignore_index: int, chunk: int):
+    def forward(ctx, h, weight, bias, labels, ignore_index: int, chunk: int, grad_enabled: bool):
         n_valid = (labels != ignore_index).sum().clamp_min(1)
-        needs_grad = ctx.needs_input_grad
+        # Under torch.no_grad (evaluation) needs_input_grad still says True for parameters: skip the gradients.
+        needs_grad = ctx.needs_input_grad if grad_enabled else (False,) * 3
         grad_h = torch.empty_like(h) if needs_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad[1] else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if bias is not None and needs_grad[2] else None
@@ -65,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
             None if grad_w is None else (grad_w * grad_loss).to(w_dtype),
             None if grad_b is None else (grad_b * grad_loss).to(b_dtype),
-            None, None, None,
+            None, None, None, None,
         )
 
 
@@ -84,4 +85,4 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    return _LinearCrossEntropy.apply(h, weight, bias, labels, ignore_index, chunk)
+    return _LinearCrossEntropy.apply(h, weight, bias, labels, ignore_index, chunk, torch.is_grad_enabled())
