@@ -202,7 +202,9 @@ class Transformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}; "
                              "add a batch dimension with input_ids[None]")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        # The range check reads values back to Python, which would break a torch.compile graph: eager only.
+        if input_ids.numel() and not torch.compiler.is_compiling() and \
+                (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}) (vocab_size); "
                              f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
         if attention_mask is not None:
