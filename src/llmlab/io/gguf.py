@@ -36,6 +36,7 @@ from gguf import GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 
 from ..tokenizer.bytelevel import BYTE_TO_UNICODE
+from ..tokenizer.pretokenize import GPT4_PATTERN
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q8_0)
@@ -298,11 +299,7 @@ def _check_shapes(path: Path, sd: dict[str, torch.Tensor], c: dict) -> None:
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 # The split patterns llama.cpp uses for each `tokenizer.ggml.pre` (llama-vocab.cpp); the same strings are the
-# Split regexes in those models' original tokenizer.json files.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# Split regexes in those models' original tokenizer.json files. Llama 3's is GPT-4's (pretokenize.GPT4_PATTERN).
 _TEKKEN_SPLIT = (
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
@@ -327,9 +324,9 @@ _PRE_TOKENIZERS = {
     "default": [_byte_level(use_regex=True)],
     "gpt-2": [_byte_level(use_regex=True)],
     "smollm": [{"type": "Digits", "individual_digits": True}, _byte_level(use_regex=True)],
-    "llama-bpe": _split(_LLAMA3_SPLIT),
-    "llama3": _split(_LLAMA3_SPLIT),
-    "llama-v3": _split(_LLAMA3_SPLIT),
+    "llama-bpe": _split(GPT4_PATTERN),
+    "llama3": _split(GPT4_PATTERN),
+    "llama-v3": _split(GPT4_PATTERN),
     "tekken": _split(_TEKKEN_SPLIT),
 }
 # Llama 3's own tokenizer.json (and llama.cpp) take a pre-token that is already a vocabulary entry whole.

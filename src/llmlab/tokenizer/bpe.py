@@ -14,8 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from ..progress import Bar
+from .vocab import VocabModel
 
-_CACHE_LIMIT = 100_000  # pre-token -> ids cache entries; cleared when full so memory stays bounded
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
 
@@ -54,7 +54,7 @@ def merge_with_changes(word: list[int], left: int, right: int, new: int) -> tupl
     return out, changes
 
 
-class BPE:
+class BPE(VocabModel):
     """A BPE model: vocab (token string -> id) and ranked merges, with the options of `tokenizers`' BPE:
     unk_token (None: unknown characters are dropped), fuse_unk (one unk for a run of unknowns), byte_fallback
     (unknown characters become their UTF-8 byte tokens), ignore_merges (a pre-token that is itself in the
@@ -63,19 +63,13 @@ class BPE:
     def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, unk_token: str | None = None,
                  fuse_unk: bool = False, byte_fallback: bool = False, ignore_merges: bool = False,
                  continuing_subword_prefix: str | None = None, end_of_word_suffix: str | None = None):
-        self.vocab = dict(vocab)
-        n = len(self.vocab)
-        if sorted(self.vocab.values()) != list(range(n)):
-            raise ValueError("vocab ids must be exactly 0..len(vocab)-1, each used once")
+        super().__init__(vocab)
         if unk_token is not None and unk_token not in self.vocab:
             raise ValueError(f"unk_token {unk_token!r} is not in the vocab")
         self.merges = [tuple(m) for m in merges]
         self.unk_token, self.fuse_unk, self.byte_fallback = unk_token, fuse_unk, byte_fallback
         self.ignore_merges = ignore_merges
         self.prefix, self.suffix = continuing_subword_prefix or "", end_of_word_suffix or ""
-        self._id_to_token = [""] * n
-        for tok, i in self.vocab.items():
-            self._id_to_token[i] = tok
         self._unk_id = None if unk_token is None else self.vocab[unk_token]
         self._byte_ids = [self.vocab.get(t) for t in BYTE_TOKENS] if byte_fallback else []
         # (left id, right id) -> (rank, merged id); the lowest rank is applied first.
@@ -87,32 +81,12 @@ class BPE:
                 raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token missing from the vocab")
             # A later duplicate overwrites an earlier one, as in `tokenizers`.
             self._ranks[(self.vocab[a], self.vocab[b])] = (rank, self.vocab[merged])
-        self._cache: dict[str, list[int]] = {}
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_token)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.vocab.get(token)
-
-    def id_to_token(self, i: int) -> str:
-        return self._id_to_token[i]
-
-    def tokenize(self, word: str) -> list[int]:
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
+    def _tokenize(self, word: str) -> list[int]:
         if self.ignore_merges and word in self.vocab:
-            ids = [self.vocab[word]]
-        else:
-            ids = self._symbols(word)
-            if len(ids) > 1:
-                ids = self._merge(ids)
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[word] = ids
-        return ids
+            return [self.vocab[word]]
+        ids = self._symbols(word)
+        return self._merge(ids) if len(ids) > 1 else ids
 
     def _symbols(self, word: str) -> list[int]:
         if not (self.prefix or self.suffix):

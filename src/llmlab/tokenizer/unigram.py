@@ -36,11 +36,11 @@ import numpy as np
 
 from ..progress import Bar
 from .bpe import BYTE_TOKENS
+from .vocab import CACHE_LIMIT
 
 SPACE = "\u2581"  # the Metaspace marker "▁" that starts every pre-token
 UNK_PENALTY = 10.0  # tokenizers/sentencepiece: an unknown character scores min(score) - 10
 EXPECTED_COUNT_THRESHOLD = 0.5  # the M-step drops pieces expected fewer times than this (as sentencepiece)
-_CACHE_LIMIT = 100_000
 # Seed rule: sentencepiece's suffix tree over whole sentences sees "▁the▁" after "▁the", so a word that is never
 # the prefix of another word (say "▁United", always before "▁States") is no internal node and no seed. We count a
 # word end as a branch, which keeps such words (held-out English: 1.6% fewer tokens per word at 8k). Setting this
@@ -164,7 +164,7 @@ class Unigram:
                 path.append((s, e, i))
                 e = s
             cached = self._ids(word, path[::-1])
-            if len(self._cache) >= _CACHE_LIMIT:
+            if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()
             self._cache[word] = cached
         return list(cached)

@@ -17,23 +17,20 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from ..progress import Bar
+from .vocab import VocabModel
 from .bpe import merge_pair
 
 DEFAULT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-_CACHE_LIMIT = 100_000
 
 
-class WordPiece:
+class WordPiece(VocabModel):
     """The WordPiece model: vocab (token -> id), greedy longest-match-first encoding of one pre-token."""
 
     def __init__(self, vocab: dict[str, int], *, unk_token: str = "[UNK]", continuing_subword_prefix: str = "##",
                  max_input_chars_per_word: int = 100):
-        self.vocab = dict(vocab)
-        n = len(self.vocab)
-        if n == 0:
+        if not vocab:
             raise ValueError("vocab is empty")
-        if sorted(self.vocab.values()) != list(range(n)):
-            raise ValueError("vocab ids must be exactly 0..len(vocab)-1, each used once")
+        super().__init__(vocab)
         if not continuing_subword_prefix or not isinstance(continuing_subword_prefix, str):
             raise ValueError("continuing_subword_prefix must be a non-empty string")
         if isinstance(max_input_chars_per_word, bool) or not isinstance(max_input_chars_per_word, int) \
@@ -44,46 +41,24 @@ class WordPiece:
         self.unk_token, self.unk_id = unk_token, self.vocab[unk_token]
         self.prefix = continuing_subword_prefix
         self.max_input_chars_per_word = max_input_chars_per_word
-        self._id_to_token = [""] * n
-        for tok, i in self.vocab.items():
-            self._id_to_token[i] = tok
-        self._cache: dict[str, list[int]] = {}
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self._id_to_token)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.vocab.get(token)
-
-    def id_to_token(self, i: int) -> str:
-        return self._id_to_token[i]
-
-    def tokenize(self, word: str) -> list[int]:
+    def _tokenize(self, word: str) -> list[int]:
         """Greedy longest-match-first split of one pre-token, exactly as `tokenizers`' WordPiece model."""
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
         if len(word) > self.max_input_chars_per_word:
-            ids = [self.unk_id]
-        else:
-            ids, start, n, vocab = [], 0, len(word), self.vocab
-            while start < n:
-                end, found = n, None
-                while start < end:
-                    sub = word[start:end] if start == 0 else self.prefix + word[start:end]
-                    found = vocab.get(sub)
-                    if found is not None:
-                        break
-                    end -= 1
-                if found is None:
-                    ids = [self.unk_id]  # one unmatched position makes the whole word unknown
+            return [self.unk_id]
+        ids, start, n, vocab = [], 0, len(word), self.vocab
+        while start < n:
+            end, found = n, None
+            while start < end:
+                sub = word[start:end] if start == 0 else self.prefix + word[start:end]
+                found = vocab.get(sub)
+                if found is not None:
                     break
-                ids.append(found)
-                start = end
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[word] = ids
+                end -= 1
+            if found is None:
+                return [self.unk_id]  # one unmatched position makes the whole word unknown
+            ids.append(found)
+            start = end
         return ids
 
     def to_hf_model(self) -> dict:
