@@ -122,7 +122,8 @@ class Transformer(nn.Module):
         positions restart at each document (unless position_ids are given), so every document gets exactly
         the logits it gets alone.
         return_logits=False with labels on an LM head computes the loss chunk by chunk without ever holding
-        the [B, T, vocab] logits (losses.linear_cross_entropy); out.logits is then None."""
+        the [B, T, vocab] logits (losses.linear_cross_entropy); out.logits is then None. Without labels it
+        skips the head (the inference engine applies it to the positions it samples from)."""
         cfg = self.cfg
         self._check_input(input_ids, attention_mask, prefix_len, cache)
         B, T = input_ids.shape
@@ -183,7 +184,7 @@ class Transformer(nn.Module):
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t+1
             proj = self.head.proj
             loss = linear_cross_entropy(h.flatten(0, 1), proj.weight, shifted.flatten(), proj.bias)
-        elif self.head is not None:
+        elif self.head is not None and (return_logits or labels is not None):
             logits = self.head(h, attention_mask if attention_mask is None else attention_mask[:, -T:])
             if labels is not None:
                 loss = head_loss(cfg, logits, labels)
