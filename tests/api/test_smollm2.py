@@ -63,3 +63,20 @@ def test_greedy_answer_names_paris(pair):
         for _ in range(12):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert "Paris" in tok.decode(ids[-12:])
+
+
+def test_engine_greedy_equals_transformers_generate(pair):
+    """The inference engine (paged KV, continuous batching) against transformers' generate on the same
+    weights: a batch of prompts of different lengths, 32 new tokens each, token for token."""
+    from llmlab.infer import LLM, SamplingParams
+
+    model, tok, ref, _ = pair
+    batch = [tok.encode(p) for p in PROMPTS]
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(b)) + b for b in batch])
+    mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+    with torch.no_grad():
+        expected = ref.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0,
+                                eos_token_id=None)[:, width:].tolist()
+    outs = LLM(model, tok).generate(batch, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected

@@ -119,7 +119,7 @@ def test_mla_pool_holds_the_latent_only():
 def test_block_manager_counts_and_prefix_cache():
     bm = BlockManager(3, 4)
     a, b = bm.allocate(), bm.allocate()
-    assert (a, b) == (0, 1) and bm.num_free == 1
+    assert (a, b) == (0, 1) and bm.num_free == 1 and bm.in_use() == 2
     h = BlockManager.chain_hash(None, [1, 2, 3, 4])
     bm.register(a, h)
     bm.incref(a)
@@ -136,6 +136,7 @@ def test_block_manager_counts_and_prefix_cache():
     assert d == a and bm.lookup(h) is None
     with pytest.raises(OutOfBlocks):
         bm.allocate()
+    assert bm.in_use() == bm.peak_in_use == 3 and sum(r > 0 for r in bm.ref) == 3
     with pytest.raises(RuntimeError, match="freed more often"):
         bm.free(a)
         bm.free(a)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, model, tokenizer, train
+from . import chat, convert, generate, model, tokenizer, train
 
-GROUPS = [model, tokenizer, convert, train]
+GROUPS = [model, tokenizer, convert, train, generate, chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

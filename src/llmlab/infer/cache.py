@@ -76,6 +76,12 @@ class BlockManager:
         self.hash_of: dict[int, int] = {}  # block -> prefix hash
         self.block_of: dict[int, int] = {}  # prefix hash -> block
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with count 0, oldest first
+        self.used = self.peak_in_use = 0  # blocks with count > 0, now and at most
+
+    def _take(self, block: int) -> None:
+        self.ref[block] = 1
+        self.used += 1
+        self.peak_in_use = max(self.peak_in_use, self.used)
 
     @property
     def num_free(self) -> int:
@@ -89,19 +95,22 @@ class BlockManager:
             del self.block_of[self.hash_of.pop(block)]
         else:
             raise OutOfBlocks("no free KV block")
-        self.ref[block] = 1
+        self._take(block)
         return block
 
     def incref(self, block: int) -> None:
         if self.ref[block] == 0:
             self.evictable.pop(block)
-        self.ref[block] += 1
+            self._take(block)
+        else:
+            self.ref[block] += 1
 
     def free(self, block: int) -> None:
         if self.ref[block] <= 0:
             raise RuntimeError(f"block {block} freed more often than it was taken")
         self.ref[block] -= 1
         if self.ref[block] == 0:
+            self.used -= 1
             if block in self.hash_of:
                 self.evictable[block] = None
             else:
@@ -127,7 +136,7 @@ class BlockManager:
             self.hash_of[block] = h
 
     def in_use(self) -> int:
-        return sum(1 for r in self.ref if r > 0)
+        return self.used
 
 
 class PagedKVCache:

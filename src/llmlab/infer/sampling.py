@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmlab.infer.params import Logprob, SamplingParams
+from .params import Logprob, SamplingParams
 
 NEG_INF = float("-inf")
 
