@@ -21,6 +21,7 @@ from torch import nn
 
 from ..model import KVCache
 from .params import SamplingParams
+from .sampling import SamplerRow, process_logits
 
 # Per-sequence transforms (penalties over the history, stop strings, logprobs) are the full sampler's job
 # (infer/sampling.py); refuse them here rather than silently ignore them. Name -> value meaning "off".
@@ -62,26 +63,12 @@ def crop_cache(cache: KVCache, length: int) -> KVCache:
 
 
 def _probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[..., V] logits -> [..., V] probabilities: softmax((logits + bias) / T), then top-k, top-p and min-p
-    (vLLM's order), renormalized. Draft and target go through the same transform, so the scheme samples
-    exactly from the transformed target distribution."""
-    logits = logits.float()
-    if params.logit_bias:
-        bias = torch.zeros(logits.shape[-1], device=logits.device)
-        bias[list(params.logit_bias)] = torch.tensor(list(params.logit_bias.values()), device=logits.device)
-        logits = logits + bias
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:  # keep the k largest logits (ties with the k-th stay)
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if params.top_p < 1.0:  # keep the smallest prefix (by probability) whose mass reaches top_p
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(mass_before >= params.top_p, 0))
-    if params.min_p > 0:  # drop tokens with p < min_p · p_max
-        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    """[..., V] logits -> [..., V] probabilities through the engine's own transform (logit bias, temperature,
+    top-k, top-p, min-p: sampling.process_logits), so speculative sampling draws from exactly the
+    distribution LLM.generate samples. Draft and target go through the same transform."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = [SamplerRow(params, (), ())] * flat.shape[0]
+    return process_logits(flat, rows).softmax(dim=-1).reshape(logits.shape)
 
 
 def _check(target: nn.Module, draft: nn.Module, prompt: list[int], params: SamplingParams, k: int) -> None:
