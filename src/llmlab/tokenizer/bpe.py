@@ -81,6 +81,14 @@ class BPE(VocabModel):
                 raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token missing from the vocab")
             # A later duplicate overwrites an earlier one, as in `tokenizers`.
             self._ranks[(self.vocab[a], self.vocab[b])] = (rank, self.vocab[merged])
+        # rank -> its pair and merged id (-1 for a rank a later duplicate overwrote): _merge checks a heap entry
+        # with two list reads instead of a dict look-up
+        self._rank_left, self._rank_right = [-1] * len(self.merges), [-1] * len(self.merges)
+        for (a, b), (rank, _) in self._ranks.items():
+            self._rank_left[rank], self._rank_right[rank] = a, b
+        self._rank_new = [-1] * len(self.merges)
+        for rank, merged_id in self._ranks.values():
+            self._rank_new[rank] = merged_id
 
     def _tokenize(self, word: str) -> list[int]:
         if self.ignore_merges and word in self.vocab:
@@ -124,34 +132,34 @@ class BPE(VocabModel):
         this O(n log n) in the piece length: Chinese text without spaces makes pre-tokens hundreds long.
         Short pieces (most words) are faster with a plain rescan for the best pair."""
         ranks, n = self._ranks, len(ids)
+        get = ranks.get
         if n <= 12:
             while True:
-                best = None
-                for i in range(len(ids) - 1):
-                    r = ranks.get((ids[i], ids[i + 1]))
-                    if r is not None and (best is None or r[0] < best[0]):
-                        best, at = r, i
+                found = list(map(get, zip(ids, ids[1:])))  # (rank, merged id) of each adjacent pair, or None
+                best = min(filter(None, found), default=None)  # equal ranks are the same pair: leftmost is first
                 if best is None:
                     return ids
+                at = found.index(best)
                 ids[at:at + 2] = [best[1]]
         nxt, prev, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
         nxt[-1] = -1
-        heap = [(r[0], i) for i in range(n - 1) if (r := ranks.get((ids[i], ids[i + 1]))) is not None]
+        heap = [(r[0], i) for i, r in enumerate(map(get, zip(ids, ids[1:]))) if r is not None]
         heapq.heapify(heap)
+        heappop, heappush = heapq.heappop, heapq.heappush
+        left, right, new = self._rank_left, self._rank_right, self._rank_new
         while heap:
-            rank, i = heapq.heappop(heap)
-            j = nxt[i] if alive[i] else -1
-            if j == -1:
+            rank, i = heappop(heap)
+            if not alive[i]:
                 continue
-            r = ranks.get((ids[i], ids[j]))
-            if r is None or r[0] != rank:
+            j = nxt[i]
+            if j == -1 or ids[i] != left[rank] or ids[j] != right[rank]:
                 continue  # stale: a neighbour was merged since this entry was pushed
-            ids[i], alive[j], nxt[i] = r[1], False, nxt[j]
+            ids[i], alive[j], nxt[i] = new[rank], False, nxt[j]
             if nxt[i] != -1:
                 prev[nxt[i]] = i
             for a in (prev[i], i):  # the two pairs the merged symbol now takes part in
-                if a != -1 and nxt[a] != -1 and (r := ranks.get((ids[a], ids[nxt[a]]))) is not None:
-                    heapq.heappush(heap, (r[0], a))
+                if a != -1 and nxt[a] != -1 and (r := get((ids[a], ids[nxt[a]]))) is not None:
+                    heappush(heap, (r[0], a))
         return [t for t, keep in zip(ids, alive) if keep]
 
     def to_hf_model(self) -> dict:

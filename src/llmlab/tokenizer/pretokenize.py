@@ -183,9 +183,11 @@ class Metaspace:
             if (self.prepend_scheme == "always" or (self.prepend_scheme == "first" and first)) \
                     and not p.startswith(self.replacement):
                 p = self.replacement + p
-            if self.split:
-                spans = [(i, i + 1) for i, c in enumerate(p) if c == self.replacement]
-                out.extend(split_spans(p, spans, "MergedWithNext"))
+            if self.split:  # split_spans(p, <each replacement>, "MergedWithNext"), without a per-character loop
+                head, *rest = p.split(self.replacement)
+                if head:
+                    out.append(head)
+                out.extend([self.replacement + q for q in rest])
             else:
                 out.append(p)
         return out

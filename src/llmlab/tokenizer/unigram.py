@@ -84,6 +84,7 @@ class Unigram:
         self.unk_score = min(self._scores) - UNK_PENALTY
         self._byte_ids = [self.vocab[b] for b in BYTE_TOKENS] if byte_fallback else []
         self._cache: dict[str, list[int]] = {}
+        self._prefixes: dict[str, int] | None = None  # _viterbi's table, made on first use
 
     @property
     def vocab_size(self) -> int:
@@ -149,15 +150,7 @@ class Unigram:
         """Viterbi best segmentation of one pre-token (normalized, with its "▁" markers) as token ids."""
         cached = self._cache.get(word)
         if cached is None:
-            ends = self._lattice(word)
-            best = [0.0] + [-math.inf] * len(word)
-            back: list[tuple[int, int]] = [(0, 0)] * (len(word) + 1)
-            for e in range(1, len(word) + 1):
-                for s, i, score in ends[e]:  # strict ">": on a tie the earliest start wins, as in tokenizers
-                    if best[s] + score > best[e]:
-                        if i is None:
-                            raise self._missing_unk(word)
-                        best[e], back[e] = best[s] + score, (s, i)
+            back = self._viterbi(word)
             path, e = [], len(word)
             while e > 0:
                 s, i = back[e]
@@ -168,6 +161,45 @@ class Unigram:
                 self._cache.clear()
             self._cache[word] = cached
         return list(cached)
+
+    def _viterbi(self, word: str) -> list[tuple[int, int]]:
+        """back[e] = (start, id) of the last piece of the best segmentation of word[:e]. The lattice of _lattice,
+        relaxed start by start: the edges into each end then arrive in increasing start order, as tokenize's
+        "earliest start wins a tie" needs. Substrings are extended only while they are a prefix of some piece,
+        so a position costs a few dict look-ups instead of max_len."""
+        prefixes = self._prefixes
+        if prefixes is None:
+            prefixes = {}
+            for tok, i in self.vocab.items():
+                for k in range(1, len(tok)):
+                    prefixes.setdefault(tok[:k], -1)  # -1: a prefix of a piece, not itself a piece
+            for tok, i in self.vocab.items():
+                prefixes[tok] = i
+            self._prefixes = prefixes
+        get, scores, unk_id, unk_score = prefixes.get, self._scores, self.unk_id, self.unk_score
+        n = len(word)
+        best = [0.0] + [-math.inf] * n
+        back: list[tuple[int, int]] = [(0, 0)] * (n + 1)
+        for s in range(n):
+            base, e = best[s], s + 1
+            i = get(word[s])
+            if i is None or i < 0:  # no single-character piece: the unknown node
+                if base + unk_score > best[e]:
+                    if unk_id is None:
+                        raise self._missing_unk(word)
+                    best[e], back[e] = base + unk_score, (s, unk_id)
+                if i is None:
+                    continue
+            while True:
+                if i >= 0 and base + scores[i] > best[e]:  # strict ">": on a tie the earliest start wins
+                    best[e], back[e] = base + scores[i], (s, i)
+                if e == n:
+                    break
+                e += 1
+                i = get(word[s:e])
+                if i is None:
+                    break
+        return back
 
     def nbest(self, word: str, n: int) -> list[tuple[list[int], float]]:
         """The n best segmentations (ids, total score), best first: a Viterbi that keeps n paths per node."""
@@ -276,6 +308,8 @@ class _Sweep:
         self.targets, self.target_lat, self.counts = targets, target_lat, counts  # per group: node, lattice, edges
         self.group = np.cumsum(counts) - counts  # first edge of each group
         self.bounds, self.gb = bounds, gb  # first edge / first group of each level (and the ends)
+        self._plan = None  # run()'s per-level slices, made on first use
+        self.last_scores = (None, None)
 
     @classmethod
     def sort(cls, frm, to, level, piece, lat, to_sorted=False):
@@ -299,29 +333,58 @@ class _Sweep:
         return _Sweep(self.frm[m], self.piece[m], self.targets, self.target_lat,
                       np.diff(before[np.r_[self.group, len(m)]]), before[self.bounds], self.gb)
 
+    def _prepare(self, n_nodes: int, init: np.ndarray):
+        """The per-level plan of run(), computed once per sweep (a sweep runs several times: forward in both
+        E-steps and in pruning's Viterbi). Values live in a "sweep-ordered" array: the init nodes, then each
+        group's target node in edge order, then one -inf slot for nodes no edge reaches. A level's targets are
+        then one contiguous slice (written in place, no scatter) and its sources a few nearby slices."""
+        k, g = len(init), len(self.targets)
+        pos = np.full(n_nodes, k + g, dtype=np.int32)
+        pos[init] = np.arange(k, dtype=np.int32)
+        pos[self.targets] = np.arange(k, k + g, dtype=np.int32)
+        src = pos[self.frm]
+        b, gb = self.bounds.tolist(), self.gb.tolist()
+        levels = []
+        for j in range(len(b) - 1):
+            lo, hi, g0, g1 = b[j], b[j + 1], gb[j], gb[j + 1]
+            single = g1 - g0 == hi - lo  # one edge per target node: nothing to reduce
+            levels.append((lo, hi, k + g0, k + g1, src[lo:hi], None if single else self.group[g0:g1] - lo,
+                           None if single else self.counts[g0:g1]))
+        self._plan = (n_nodes, init, k, g, levels)
+
     def run(self, log_p: np.ndarray, n_nodes: int, init: np.ndarray, viterbi: bool = False):
         """val[n] = log Σ_paths init→n exp(Σ log p) (max instead of log-sum-exp when viterbi, then also the best
         edge into each node)."""
+        if self._plan is None or self._plan[0] != n_nodes or self._plan[1] is not init:
+            self._prepare(n_nodes, init)
+        _, _, k, g, levels = self._plan
+        w = np.empty(k + g + 1)  # sweep-ordered values (see _prepare)
+        w[:k], w[k + g] = 0.0, -np.inf
+        best_w = np.empty(g, dtype=np.int64) if viterbi else None
+        sc = log_p[self.piece]
+        self.last_scores = (log_p, sc)  # log p of each edge's piece, for _e_step to reuse
+        take, logaddexp = w.take, np.logaddexp
+        for lo, hi, a, b, src, starts, cnt in levels:
+            v = take(src)
+            v += sc[lo:hi]
+            if starts is None:
+                w[a:b] = v
+                if viterbi:
+                    best_w[a - k:b - k] = np.arange(lo, hi)
+            elif viterbi:  # the first edge reaching the maximum
+                m = np.maximum.reduceat(v, starts)
+                w[a:b] = m
+                hit = np.where(v == np.repeat(m, cnt), np.arange(lo, hi), hi)
+                best_w[a - k:b - k] = np.minimum.reduceat(hit, starts)
+            else:  # log(exp(a) + exp(b)) folded over each group: stable, and as fast as shifting by the max
+                logaddexp.reduceat(v, starts, out=w[a:b])
         val = np.full(n_nodes, -np.inf)
         val[init] = 0.0
-        best = np.full(n_nodes, -1, dtype=np.int64) if viterbi else None
-        sc = log_p[self.piece]
-        frm, group, targets, counts = self.frm, self.group, self.targets, self.counts
-        for j in range(len(self.bounds) - 1):
-            lo, hi, g0, g1 = (int(x) for x in (self.bounds[j], self.bounds[j + 1], self.gb[j], self.gb[j + 1]))
-            v = val[frm[lo:hi]] + sc[lo:hi]
-            tg = targets[g0:g1]
-            if g1 - g0 == hi - lo:  # one edge per target node: nothing to reduce
-                val[tg] = v
-                if viterbi:
-                    best[tg] = np.arange(lo, hi)
-            elif viterbi:  # the first edge reaching the maximum
-                starts = group[g0:g1] - lo
-                val[tg] = m = np.maximum.reduceat(v, starts)
-                hit = np.where(v == np.repeat(m, counts[g0:g1]), np.arange(lo, hi), hi)
-                best[tg] = np.minimum.reduceat(hit, starts)
-            else:  # log(exp(a) + exp(b)) folded over each group: stable, and as fast as shifting by the max
-                val[tg] = np.logaddexp.reduceat(v, group[g0:g1] - lo)
+        val[self.targets] = w[k:k + g]
+        if not viterbi:
+            return val, None
+        best = np.full(n_nodes, -1, dtype=np.int64)
+        best[self.targets] = best_w
         return val, best
 
 
@@ -482,8 +545,10 @@ def _e_step(lat: _Lattices, log_p: np.ndarray, counts: np.ndarray):
     f = lat.fwd
     # count(w) · P(edge | w) = exp(α(s) + log p(x) + [β(e) - log Z(w) + log count(w)]), the bracket per end node
     per_end = beta[f.targets] - log_z[f.target_lat] + np.log(counts)[f.target_lat]
-    expected = np.bincount(f.piece, weights=np.exp(alpha[f.frm] + log_p[f.piece] + np.repeat(per_end, f.counts)),
-                           minlength=len(log_p))
+    w = alpha[f.frm]  # in place from here: the same sums in the same order, fewer edge-sized temporaries
+    w += f.last_scores[1] if f.last_scores[0] is log_p else log_p[f.piece]
+    w += np.repeat(per_end, f.counts)
+    expected = np.bincount(f.piece, weights=np.exp(w, out=w), minlength=len(log_p))
     return expected, float(-(counts * log_z).sum() / counts.sum())
 
 
