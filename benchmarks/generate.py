@@ -1,14 +1,15 @@
 """Generation speed: llmlab's engine vs transformers' generate on the same weights, same run.
 
 - decode_b1: greedy decode tokens/s at batch 1 (a 32-token prompt, --new-tokens tokens), on the 15.7M shape of
-  the foundation benchmark (random weights) and on SmolLM2-135M-Instruct when its package is installed. Both
-  sides are timed alternately, median over rounds; outputs must be identical. Also the weight bytes read per
-  second (parameters x tokens/s) against a measured memory-copy bandwidth.
+  the foundation benchmark (random weights) and on SmolLM2-135M-Instruct when its package is installed, for
+  both KV layouts. All contenders are timed alternately, median over rounds; outputs must be identical. Also
+  the weight bytes read per second, and the floor: the same matrix-vector products with nothing else (no
+  attention, no Python around them), which bounds any engine's speed on this machine.
 - throughput: --requests requests with random prompt and output lengths (seeded). llmlab: all submitted at
   once, continuously batched over the paged KV pool. transformers: padded static batches of 16 in arrival
   order, each run until its longest output. Throughput counts only the tokens the requests asked for.
-  Also the KV memory actually used at peak vs the pool allocated, and vs what a contiguous cache of
-  max_seq_len per sequence would hold.
+  Both KV layouts: paged (blocks of 16 from a memory budget) and contiguous (a max_seq_len row per
+  sequence). Also the KV memory actually used at peak vs allocated.
 
     python benchmarks/generate.py [--rounds 3] [--new-tokens 128] [--requests 64] [--no-smollm2]
 
@@ -78,31 +79,47 @@ def smollm2():
 def decode_b1(hf, ours, new_tokens: int, rounds: int) -> dict:
     vocab = ours.cfg.vocab_size
     prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
-    llm = LLM(ours)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    llms = {layout: LLM(ours, max_num_seqs=1, kv_layout=layout) for layout in ("paged", "contiguous")}
+    weights = [p for p in ours.parameters() if p.dim() == 2 and p is not ours.tok_emb.weight]
+    if ours.head is not None and ours.head.proj.weight is ours.tok_emb.weight:
+        weights.append(ours.tok_emb.weight)  # tied: the head reads it
+    x = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype) for w in weights}
 
     def run_hf():
         with torch.no_grad():
             return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, 32:].tolist()
 
-    def run_ours():
-        return llm.generate([prompt[0].tolist()], params)[0].token_ids
+    def runner(llm):
+        return lambda: llm.generate([prompt[0].tolist()], params)[0].token_ids
 
-    same = run_hf() == run_ours()  # also the warm-up
-    times = {"llmlab": [], "transformers": []}
+    def weights_only():  # the floor: one matrix-vector product per weight matrix per token, nothing else
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                for w in weights:
+                    torch.nn.functional.linear(x[w.shape[1]], w)
+
+    contenders = {"transformers": run_hf, **{f"llmlab_{k}": runner(v) for k, v in llms.items()},
+                  "weights_floor": weights_only}
+    reference = run_hf()
+    same = all(contenders[f"llmlab_{k}"]() == reference for k in llms)  # also the warm-up
+    times = {name: [] for name in contenders}
     for _ in range(rounds):
-        for name, fn in (("transformers", run_hf), ("llmlab", run_ours)):
+        for name, fn in contenders.items():
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    ms = {k: 1e3 * statistics.median(v) / new_tokens for k, v in times.items()}
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    best = min(ms["llmlab_paged"], ms["llmlab_contiguous"])
     return {"params": ours.num_parameters(), "new_tokens": new_tokens, "identical": same,
-            "llmlab_tokens_per_s": tps["llmlab"], "transformers_tokens_per_s": tps["transformers"],
-            "speedup": tps["llmlab"] / tps["transformers"],
-            "llmlab_ms_per_token": 1e3 / tps["llmlab"], "transformers_ms_per_token": 1e3 / tps["transformers"],
-            "llmlab_weight_gb_per_s": weight_bytes * tps["llmlab"] / 1e9}
+            "ms_per_token": ms, "tokens_per_s": {k: 1e3 / v for k, v in ms.items()},
+            "speedup_paged": ms["transformers"] / ms["llmlab_paged"],
+            "speedup_contiguous": ms["transformers"] / ms["llmlab_contiguous"],
+            "speedup_ceiling": ms["transformers"] / ms["weights_floor"],
+            "llmlab_weight_gb_per_s": weight_bytes / best / 1e6,
+            "weights_floor_gb_per_s": weight_bytes / ms["weights_floor"] / 1e6}
 
 
 def throughput(hf, ours, n_requests: int, seed: int = 0) -> dict:
@@ -124,22 +141,21 @@ def throughput(hf, ours, n_requests: int, seed: int = 0) -> dict:
                         pad_token_id=0)
     hf_s = time.perf_counter() - t
 
-    llm = LLM(ours, max_num_seqs=n_requests)
-    t = time.perf_counter()
-    outs = llm.generate([p for p, _ in reqs], [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-                                               for _, n in reqs])
-    ours_s = time.perf_counter() - t
-    assert sum(len(o.token_ids) for o in outs) == wanted
-    blocks = llm.engine.cache.blocks
-    block_bytes = llm.engine.cache.nbytes() / blocks.num_blocks
-    contiguous = n_requests * ours.cfg.max_seq_len * block_bytes / blocks.block_size
-    return {"requests": n_requests, "tokens_requested": wanted,
-            "llmlab_tokens_per_s": wanted / ours_s, "transformers_tokens_per_s": wanted / hf_s,
-            "speedup": hf_s / ours_s, "engine_steps": llm.engine.num_steps,
-            "preemptions": llm.engine.scheduler.num_preemptions,
-            "kv_mib_used_at_peak": blocks.peak_in_use * block_bytes / 2**20,
-            "kv_mib_allocated": llm.engine.cache.nbytes() / 2**20,
-            "kv_mib_contiguous_max_len": contiguous / 2**20}
+    row = {"requests": n_requests, "tokens_requested": wanted, "transformers_tokens_per_s": wanted / hf_s}
+    for layout in ("paged", "contiguous"):
+        llm = LLM(ours, max_num_seqs=n_requests, kv_layout=layout)
+        t = time.perf_counter()
+        outs = llm.generate([p for p, _ in reqs], [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+                                                   for _, n in reqs])
+        ours_s = time.perf_counter() - t
+        assert sum(len(o.token_ids) for o in outs) == wanted
+        blocks = llm.engine.cache.blocks
+        block_bytes = llm.engine.cache.nbytes() / blocks.num_blocks
+        row[layout] = {"llmlab_tokens_per_s": wanted / ours_s, "speedup": hf_s / ours_s,
+                       "engine_steps": llm.engine.num_steps, "preemptions": llm.engine.scheduler.num_preemptions,
+                       "kv_mib_used_at_peak": blocks.peak_in_use * block_bytes / 2**20,
+                       "kv_mib_allocated": llm.engine.cache.nbytes() / 2**20}
+    return row
 
 
 def main() -> None:

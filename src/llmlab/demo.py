@@ -3,7 +3,8 @@
 Builds the `micro` model, prints what each attention variant costs (parameters, training FLOPs, KV cache,
 activations), then runs a forward and backward pass of every variant and one cached decoding check. Then
 trains a byte-level BPE tokenizer on Moby Dick and loads the real SmolLM2-135M-Instruct from its GGUF to answer
-a question through its chat template (each skipped, saying why, when its data is not installed).
+questions through its chat template with the inference engine: one streamed, four continuously batched (each
+skipped, saying why, when its data is not installed).
 """
 
 from __future__ import annotations
@@ -80,20 +81,26 @@ def chat_demo(console: Console) -> None:
         console.print(f"skipped: {e}")
         return
     console.print(f"loaded {model.num_parameters() / 1e6:.1f}M parameters and the tokenizer in {time.perf_counter() - t:.1f}s")
+    from .infer import LLM, SamplingParams
+
+    llm = LLM(model, tok)
     question = "What is the capital of France?"
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    cache, out = KVCache(), []
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), cache=cache).logits
-        t = time.perf_counter()
-        for _ in range(24):  # greedy decoding with the KV cache
-            nxt = int(logits[0, -1].argmax())
-            if nxt == tok.token_to_id("<|im_end|>"):
-                break
-            out.append(nxt)
-            logits = model(torch.tensor([[nxt]]), cache=cache).logits
-    console.print(f"user: {question}\nassistant: {tok.decode(out)}   "
-                  f"({len(out) / (time.perf_counter() - t):.1f} tokens/s, greedy)")
+    console.print(f"user: {question}\nassistant: ", end="")
+    t, pieces = time.perf_counter(), []
+    for piece in llm.stream(ids, SamplingParams(max_tokens=24, temperature=0)):  # greedy, streamed
+        console.print(piece, end="")
+        pieces.append(piece)
+    console.print(f"   ({time.perf_counter() - t:.1f}s, greedy, streamed)")
+    questions = ["Name three colors.", "What is 2 + 2?", "Say hello in French.", "What do bees make?"]
+    t = time.perf_counter()
+    outs = llm.chat([[{"role": "user", "content": q}] for q in questions],
+                    SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=0))
+    n = sum(len(o.token_ids) for o in outs)
+    console.print(f"{len(questions)} more questions, continuously batched: {n} tokens in "
+                  f"{time.perf_counter() - t:.1f}s (temperature 0.7, top-p 0.9, seeded)")
+    for q, o in zip(questions, outs):
+        console.print(f"  {q} -> {o.text.strip()[:80]!r}")
 
 
 if __name__ == "__main__":

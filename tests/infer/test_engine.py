@@ -47,9 +47,10 @@ def run_alone(model, prompt, params, **engine) -> list[int]:
     return LLM(model, **engine).generate([prompt], params)[0].token_ids
 
 
-def test_greedy_batch_equals_reference(model):
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_greedy_batch_equals_reference(model, layout):
     ps = prompts(4)
-    outs = LLM(model, block_size=4).generate(ps, SamplingParams(max_tokens=32, temperature=0))
+    outs = LLM(model, block_size=4, kv_layout=layout).generate(ps, SamplingParams(max_tokens=32, temperature=0))
     for p, o in zip(ps, outs):
         assert o.token_ids == greedy_reference(model, p, 32)
         assert o.finish_reason == "length" and len(o.outputs) == 1
@@ -77,12 +78,34 @@ def test_continuous_batching_with_chunked_prefill_and_preemption(model):
     assert engine.cache.blocks.in_use() == 0 and all(r == 0 for r in engine.cache.blocks.ref)
 
 
-def test_n_samples_fork_with_copy_on_write(model):
+def test_contiguous_layout_keeps_rows_compact(model):
+    """Requests of different lengths finish at different times; the contiguous layout moves survivors into
+    the freed rows, so the running sequences always hold rows 0..n-1 (decode keys are then a view), and
+    every output still equals its solo run. Three rows for six requests: the rest wait their turn."""
+    ps = prompts(6, seed=11, lo=3, hi=20)
+    params = [SamplingParams(max_tokens=4 + 5 * i, temperature=0) for i in range(6)]
+    engine = Engine(model, kv_layout="contiguous", max_num_seqs=3)
+    assert engine.cache.blocks.num_blocks == 3 and engine.cache.block_size == 96
+    for i in (5, 0, 3, 1, 4, 2):
+        engine.add_request(str(i), ps[i], params[i])
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.token_ids
+        assert sorted(s.block_table[0] for s in engine.scheduler.running) == list(range(len(engine.scheduler.running)))
+    for i in range(6):
+        assert done[i] == greedy_reference(model, ps[i], 4 + 5 * i)
+    assert engine.cache.blocks.in_use() == 0
+
+
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_n_samples_fork_with_copy_on_write(model, layout):
     """Sample i of a request with seed s draws from seed s + i: it must equal a lone request with that seed.
     The 10-token prompt leaves its last block shared and half full, so every sample copies it before
     writing."""
     p = prompts(1, seed=5, lo=10, hi=11)[0]
-    llm = LLM(model, block_size=4)
+    llm = LLM(model, block_size=4, kv_layout=layout)
     out = llm.generate([p], SamplingParams(max_tokens=16, temperature=1.0, n=3, seed=7))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     for o in out.outputs:
@@ -199,6 +222,8 @@ def test_bad_requests(model):
         llm.generate([[1, 600]])
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         llm.generate([[1]], [SamplingParams(), SamplingParams()])
+    with pytest.raises(ValueError, match="kv_layout must be"):
+        LLM(model, kv_layout="ragged")
     with pytest.raises(ValueError, match="pool has 2"):
         LLM(model, block_size=4, num_blocks=2).generate([[1] * 5], SamplingParams(max_tokens=8))
     assert not llm.engine.requests and llm.engine.cache.blocks.in_use() == 0

@@ -19,6 +19,8 @@ VARIANTS = {
     "alibi": dict(position="alibi"),
     "learned": dict(position="learned", norm="layernorm", activation="gelu", qkv_bias=True),
     "moe": dict(n_experts=4, moe_top_k=2),
+    "flash": dict(attn_backend="flash", flash_block_size=4, sliding_window=7),
+    "math": dict(attn_backend="math"),
 }
 
 
@@ -79,12 +81,12 @@ def paged_logits(model, seqs: list[list[int]], block_size: int, chunks: list[lis
         T = max(new)
         ids = torch.zeros(len(active), T, dtype=torch.long)
         for r, i in enumerate(active):
-            ids[r, T - new[r]:] = torch.tensor(seqs[i][done[i]:done[i] + new[r]])
+            ids[r, :new[r]] = torch.tensor(seqs[i][done[i]:done[i] + new[r]])
         view = cache.batch_view([tables[i] for i in active], [done[i] for i in active], new)
         with torch.no_grad():
-            logits = model(ids, attention_mask=view.new_valid, cache=view).logits
+            logits = model(ids, cache=view).logits
         for r, i in enumerate(active):
-            out[i].append(logits[r, T - new[r]:])
+            out[i].append(logits[r, :new[r]])
             done[i] += new[r]
     assert any(t != sorted(t) for t in tables if len(t) > 1), "block tables should be scattered"
     return [torch.cat(o) for o in out]

@@ -98,6 +98,11 @@ class BlockManager:
         self._take(block)
         return block
 
+    def take(self, block: int) -> None:
+        """Allocate this particular free block (compaction moves a sequence into a hole)."""
+        self.free_ids.remove(block)
+        self._take(block)
+
     def incref(self, block: int) -> None:
         if self.ref[block] == 0:
             self.evictable.pop(block)
@@ -148,6 +153,7 @@ class PagedKVCache:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.block_size, self.device, self.dtype = block_size, device, dtype
         self.pools: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._scratch: dict[int, torch.Tensor] = {}
 
     def pool(self, layer: int, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         pools = self.pools.get(layer)
@@ -158,6 +164,14 @@ class PagedKVCache:
             self.pools[layer] = pools
         return pools
 
+    def scratch(self, i: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer of at least numel elements for the i-th gathered tensor of a layer. Layers run one
+        after another and each consumes its keys before the next gathers, so all layers share them."""
+        buf = self._scratch.get(i)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._scratch[i] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel]
+
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size
         for pools in self.pools.values():
@@ -167,51 +181,65 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for ps in self.pools.values() for p in ps)
 
-    def slots(self, table: Sequence[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [table[i // bs] * bs + i % bs for i in range(start, end)]
-
     def batch_view(self, tables: Sequence[Sequence[int]], cached: Sequence[int], new: Sequence[int]) -> PagedBatch:
         """The cache object for one forward over len(tables) sequences: sequence i has cached[i] tokens in
-        its blocks and feeds new[i] tokens (left-padded to max(new)). Its blocks must already cover
-        cached[i] + new[i] tokens."""
-        B, T = len(tables), max(new)
-        K = max(c + n for c, n in zip(cached, new))
-        dev = self.device
-        gather = torch.zeros(B, K, dtype=torch.long)
-        valid = torch.zeros(B, K, dtype=torch.bool)
-        write_rows, write_cols, write_slots = [], [], []
-        for i, (table, c, n) in enumerate(zip(tables, cached, new)):
-            total = c + n
-            gather[i, K - total:] = torch.tensor(self.slots(table, 0, total))
-            valid[i, K - total:] = True
-            write_rows += [i] * n
-            write_cols += range(T - n, T)
-            write_slots += self.slots(table, c, total)
-        uniform = bool(valid.all())
-        return PagedBatch(
-            self, gather.to(dev), None if uniform else valid[:, :K - T].to(dev),
-            torch.tensor(write_rows, device=dev), torch.tensor(write_cols, device=dev),
-            torch.tensor(write_slots, device=dev), K - T, None if uniform else valid[:, K - T:].to(dev),
-        )
+        its blocks and feeds new[i] tokens (left-aligned in a [B, max(new)] batch, padding on the right).
+        Its blocks must already cover cached[i] + new[i] tokens."""
+        return PagedBatch(self, tables, cached, new)
 
 
 class PagedBatch:
-    """What the model sees for one step over paged memory (see PagedKVCache.batch_view)."""
+    """What the model sees for one step over paged memory: every row's keys left-aligned (key k of row i is
+    its token k), so row i's queries sit at offset cached[i]; the model takes offsets, key validity and
+    positions from here (per_row) instead of deriving them from an attention mask.
 
-    def __init__(self, cache: PagedKVCache, gather, past_valid, write_rows, write_cols, write_slots, past: int,
-                 new_valid):
-        self.cache, self.gather = cache, gather
-        self.write_rows, self.write_cols, self.write_slots = write_rows, write_cols, write_slots
-        self.length = past  # the model offsets its queries by this many keys
-        self.key_valid = past_valid
-        self.key_pos = torch.zeros(gather.shape[0], past, dtype=torch.long, device=gather.device)
-        self.new_valid = new_valid  # [B, T] attention_mask for the new tokens (None: no padding)
+    Keys are gathered a whole block at a time. When every sequence owns a single block and the rows are
+    blocks 0..B-1 in order (the contiguous layout the engine keeps by compaction), they are a view of the
+    pool: no copy at all."""
+
+    per_row = True
+
+    def __init__(self, cache: PagedKVCache, tables, cached, new):
+        dev, bs = cache.device, cache.block_size
+        B, T = len(tables), max(new)
+        cached_t = torch.tensor(cached, device=dev)
+        new_t = torch.tensor(new, device=dev)
+        total = cached_t + new_t
+        self.cache, self.length = cache, 0
+        self.n_keys = K = max(c + n for c, n in zip(cached, new))
+        n_blocks = -(-K // bs)
+        self.table = torch.tensor([list(t[:n_blocks]) + [0] * (n_blocks - len(t[:n_blocks])) for t in tables],
+                                  device=dev)
+        self.view_rows = n_blocks == 1 and all(t[0] == i for i, t in enumerate(tables))
+        steps = torch.arange(T, device=dev)
+        self.positions = torch.minimum(cached_t[:, None] + steps, (total - 1)[:, None])  # padding: any real one
+        uniform = len(set(cached)) == 1 and len(set(new)) == 1
+        # a batch whose rows all look alike needs no per-row mask (a single sequence never does)
+        self.q_offset = cached[0] if uniform else cached_t
+        self.key_valid = None if uniform else torch.arange(K, device=dev) < total[:, None]
+        self.query_valid = None if uniform else steps < new_t[:, None]
+        self.key_pos = None
+        pos = self.positions if self.query_valid is None else self.positions[self.query_valid]
+        rows = torch.arange(B, device=dev)[:, None].expand(B, T)
+        rows = rows.reshape(-1) if self.query_valid is None else rows[self.query_valid]
+        self.write_slots = self.table[rows, pos // bs] * bs + pos % bs
 
     def update(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
+        bs, K = self.cache.block_size, self.n_keys
         for pool, t in zip(self.cache.pool(layer, tensors), tensors):
-            # t [B, h, T, d] -> the real tokens' rows go to their slots, then every sequence's keys come back
-            pool[self.write_slots] = t[self.write_rows, :, self.write_cols].to(pool.dtype)
-            out.append(pool[self.gather].transpose(1, 2).to(t.dtype))
+            # t [B, h, T, d]: the real tokens go to their slots, then every row's keys come back left-aligned
+            new = t.transpose(1, 2)
+            new = new.reshape(-1, *new.shape[2:]) if self.query_valid is None else new[self.query_valid]
+            pool[self.write_slots] = new.to(pool.dtype)
+            blocks = pool.view(-1, bs, *pool.shape[1:])
+            B, n_blocks = self.table.shape
+            if self.view_rows:
+                keys = blocks[:B, :K]
+            else:  # gather whole blocks into a reused buffer (fresh multi-MB tensors each layer cost page faults)
+                src = blocks[:, :K] if n_blocks == 1 else blocks
+                buf = self.cache.scratch(len(out), B * n_blocks * src[0].numel(), pool.dtype)
+                keys = torch.index_select(src, 0, self.table.flatten(), out=buf.view(B * n_blocks, *src.shape[1:]))
+                keys = keys.view(B, -1, *pool.shape[1:])[:, :K]
+            out.append(keys.transpose(1, 2).to(t.dtype))
         return tuple(out)

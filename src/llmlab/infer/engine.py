@@ -58,14 +58,27 @@ class _Sample:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
-                 kv_memory: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 prefix_caching: bool = True, eos_token_ids: Seq[int] | None = None) -> None:
+    def __init__(self, model, tokenizer=None, *, kv_layout: str = "paged", block_size: int = 16,
+                 num_blocks: int | None = None, kv_memory: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, prefix_caching: bool = True,
+                 eos_token_ids: Seq[int] | None = None) -> None:
+        """kv_layout="paged": blocks of block_size tokens from a pool sized by kv_memory (or num_blocks),
+        prefix caching, preemption when the pool runs dry. kv_layout="contiguous": one max_seq_len row per
+        sequence (max_num_seqs rows, or as many as kv_memory holds); decode steps read keys in place, at the
+        price of reserving the whole context for every sequence."""
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.cfg
         self.max_seq_len = cfg.max_seq_len
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if kv_layout not in ("paged", "contiguous"):
+            raise ValueError(f"kv_layout must be 'paged' or 'contiguous', got {kv_layout!r}")
+        self.contiguous = kv_layout == "contiguous"
+        if self.contiguous:
+            block_size, prefix_caching = cfg.max_seq_len, False
+            per_row = kv_cache_bytes_per_token(cfg, param.element_size()) * block_size
+            fits = (kv_memory // per_row) if kv_memory else max_num_seqs
+            num_blocks = max_num_seqs = max(1, min(max_num_seqs, num_blocks or fits, fits))
         if num_blocks is None:
             per_block = kv_cache_bytes_per_token(cfg, param.element_size()) * block_size
             wanted = -(-max_num_seqs * cfg.max_seq_len // block_size)  # enough for every sequence at full length
@@ -154,12 +167,15 @@ class Engine:
                 raise RuntimeError("the scheduler could not run any sequence; the KV pool is too small")
             return []
         self.num_steps += 1
-        decode = [(s, n) for s, n in zip(batch.seqs, batch.num_new) if n == 1]
+        # decodes in block order: in the contiguous layout rows 0..B-1 are then a view of the pool
+        decode = sorted(((s, n) for s, n in zip(batch.seqs, batch.num_new) if n == 1), key=lambda x: x[0].block_table[0])
         prefill = [(s, n) for s, n in zip(batch.seqs, batch.num_new) if n > 1]
         touched: dict[str, Request] = {}
         for group in (decode, prefill):
             if group:
                 self._run(group, touched)
+        if self.contiguous:
+            self.scheduler.compact()
         outputs = [self._output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
@@ -170,23 +186,23 @@ class Engine:
         seqs, new = [s for s, _ in group], [n for _, n in group]
         cached = [s.num_computed for s in seqs]
         T = max(new)
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)  # left-aligned rows, padding on the right
         for i, (s, c, n) in enumerate(zip(seqs, cached, new)):
-            ids[i, T - n:] = torch.tensor(s.token_ids[c:c + n])
+            ids[i, :n] = torch.tensor(s.token_ids[c:c + n])
         view = self.cache.batch_view([s.block_table for s in seqs], cached, new)
-        out = self.model(ids.to(self.device), attention_mask=view.new_valid, cache=view, return_logits=False)
-        h = out.hidden_states
+        h = self.model(ids.to(self.device), cache=view, return_logits=False).hidden_states
         ready = []  # rows whose every token is now computed: they sample
         for i, (s, n) in enumerate(zip(seqs, new)):
             self.scheduler.computed(s, n)
             req, sample_ = self._sample_of[s.seq_id]
             if req.params.prompt_logprobs is not None and len(req.prompt_logprobs or ()) < len(req.prompt_ids):
-                self._prompt_logprobs(req, h[i, T - n:], cached[i])
+                self._prompt_logprobs(req, h[i, :n], cached[i])
             if s.num_uncomputed == 0:
                 ready.append(i)
         if not ready:
             return
-        logits = self.model.head(h[ready, -1]).float()
+        last = torch.tensor([new[i] - 1 for i in ready], device=h.device)
+        logits = self.model.head(h[ready, last]).float()
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         rows, owners = [], []

@@ -173,6 +173,23 @@ class Scheduler:
             self.blocks.register(seq.block_table[b], h)
             seq.block_hashes.append(h)
 
+    def compact(self) -> None:
+        """For the contiguous layout (one block of max_seq_len per sequence): move sequences into the lowest
+        free blocks, so the running ones hold blocks 0..n-1 and a decode step reads its keys as a view of
+        the pool instead of gathering them. One block copy per hole, at most one hole per finished request."""
+        n = len(self.running)
+        taken = {s.block_table[0] for s in self.running if s.block_table}
+        holes = [b for b in range(n) if b not in taken]
+        for seq in self.running:
+            if not holes:
+                break
+            if seq.block_table and seq.block_table[0] >= n and self.blocks.ref[seq.block_table[0]] == 1:
+                dst = holes.pop()
+                self.blocks.take(dst)
+                self.cache.copy_block(seq.block_table[0], dst)
+                self.blocks.free(seq.block_table[0])
+                seq.block_table[0] = dst
+
     def fork(self, parent: Sequence, seq_id: int) -> Sequence:
         """A copy of parent sharing all its blocks (n > 1 samples); writes copy the shared tail block."""
         for b in parent.block_table:

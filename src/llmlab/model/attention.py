@@ -59,8 +59,8 @@ def attend(
             scores = scores + bias
         probs = scores.softmax(dim=-1).to(q.dtype)
         out = F.dropout(probs, dropout) @ v if dropout else probs @ v
-    if mask.key_valid is not None:
-        real = mask.key_valid[:, mask.q_offset : mask.q_offset + mask.n_queries]
+    real = mask.real_queries()
+    if real is not None:
         out = out * real[:, None, :, None].to(out.dtype)
     return out, probs if need_weights else None
 

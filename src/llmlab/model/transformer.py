@@ -136,7 +136,14 @@ class Transformer(nn.Module):
                 idx = torch.arange(T, device=input_ids.device).expand(B, T)
                 starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)
                 position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values
-        key_valid, positions = self._keys_and_positions(input_ids, attention_mask, position_ids, cache, offset)
+        query_valid, n_keys = None, offset + T
+        if getattr(cache, "per_row", False):
+            # An inference-engine batch: rows of different lengths, each with its keys left-aligned; the cache
+            # view knows every row's offset, key validity and positions.
+            offset, n_keys, key_valid, query_valid = cache.q_offset, cache.n_keys, cache.key_valid, cache.query_valid
+            positions = cache.positions
+        else:
+            key_valid, positions = self._keys_and_positions(input_ids, attention_mask, position_ids, cache, offset)
 
         h = self.tok_emb(input_ids)
         if cfg.embed_scale != 1.0:
@@ -158,7 +165,8 @@ class Transformer(nn.Module):
             prefix_len = torch.as_tensor(prefix_len, device=input_ids.device).expand(B)
             key_pos = positions if cache is None else cache.key_pos
         mask = AttentionMask(
-            causal=cfg.is_causal, n_queries=T, n_keys=offset + T, q_offset=offset, key_valid=key_valid,
+            causal=cfg.is_causal, n_queries=T, n_keys=n_keys, q_offset=offset, key_valid=key_valid,
+            query_valid=query_valid,
             key_pos=key_pos, prefix_len=prefix_len, window=cfg.sliding_window,
             alibi=self.alibi if cfg.position == "alibi" else None, document_ids=document_ids,
         )
