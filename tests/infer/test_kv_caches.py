@@ -107,6 +107,17 @@ def test_paged_cache_equals_no_cache(variant, block_size):
         torch.testing.assert_close(o, full_logits(model, s), **TOL)
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_paged_cache_rows_alike(block_size):
+    """Rows with the same lengths take the no-mask path (scalar offset): still exact."""
+    model = model_for("gqa")
+    rng = random.Random(4)
+    seqs = [[rng.randrange(model.cfg.vocab_size) for _ in range(12)] for _ in range(3)]
+    outs = paged_logits(model, seqs, block_size, [[5, 4, 1, 1, 1]] * 3, seed=9)
+    for s, o in zip(seqs, outs):
+        torch.testing.assert_close(o, full_logits(model, s), **TOL)
+
+
 def test_mla_pool_holds_the_latent_only():
     model = model_for("mla")
     cache = PagedKVCache(4, 4)

@@ -219,7 +219,7 @@ class PagedBatch:
         self.key_valid = None if uniform else torch.arange(K, device=dev) < total[:, None]
         self.query_valid = None if uniform else steps < new_t[:, None]
         self.key_pos = None
-        pos = self.positions if self.query_valid is None else self.positions[self.query_valid]
+        pos = self.positions.reshape(-1) if self.query_valid is None else self.positions[self.query_valid]
         rows = torch.arange(B, device=dev)[:, None].expand(B, T)
         rows = rows.reshape(-1) if self.query_valid is None else rows[self.query_valid]
         self.write_slots = self.table[rows, pos // bs] * bs + pos % bs
