@@ -58,3 +58,14 @@ def test_load_benchmark_reports_both_loaders():
     result = run("load.py", "--repeats", "1")
     assert result["llmlab"]["params"] == result["transformers"]["params"]
     assert result["llmlab"]["seconds"] > 0 and result["llmlab"]["peak_rss_mib"] > 0
+
+
+@pytest.mark.slow
+def test_generate_benchmark_reports_both_layouts():
+    result = run("generate.py", "--rounds", "1", "--new-tokens", "4", "--requests", "4", "--no-smollm2",
+                 "--threads", "1")
+    row = result["decode_b1_15m"]
+    assert row["identical"] and row["ms_per_token"]["weights_floor"] > 0
+    for layout in ("paged", "contiguous"):
+        assert row[f"speedup_{layout}"] > 0
+        assert result["throughput_15m"][layout]["llmlab_tokens_per_s"] > 0

@@ -55,6 +55,7 @@ class _Sample:
     stop_reason: str | int | None = None
     logprobs: list[Logprob] | None = None
     cumulative_logprob: float = 0.0
+    constraint: object | None = None  # JSONConstraint when the request asks for guided_json
 
 
 class Engine:
@@ -142,8 +143,22 @@ class Engine:
         if p.seed is not None:  # sample i of a seeded request draws from seed + i
             gen = torch.Generator(device=self.device).manual_seed(p.seed + index)
         s = _Sample(index, seq, gen, logprobs=[] if p.logprobs is not None else None)
+        if p.guided_json is not None:
+            if req.samples:  # a fork: the same constraint state as the sample it forks from
+                s.constraint = req.samples[0].constraint.copy()
+            else:
+                s.constraint = self._constraint(p.guided_json)
         req.samples.append(s)
         self._sample_of[seq.seq_id] = (req, s)
+
+    def _constraint(self, guided_json: bool | dict):
+        from .json_constraint import JSONConstraint
+
+        if self.tokenizer is None:
+            raise ValueError("guided_json needs a tokenizer (the constraint works on the text of each token)")
+        schema = None if guided_json is True else guided_json
+        return JSONConstraint(self.tokenizer, schema, eos_token_ids=self.eos_token_ids,
+                              vocab_size=self.model.cfg.vocab_size)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -218,9 +233,15 @@ class Engine:
             for t in targets:
                 rows.append(SamplerRow(req.params, t.seq.token_ids[:t.seq.num_prompt], t.seq.output_ids, t.generator))
                 owners.append((req, t, j))
-        picked = sample(logits[[j for _, _, j in owners]], rows, self.eos_token_ids)
+        logits = logits[[j for _, _, j in owners]]
+        for r, (_, smp, _) in enumerate(owners):
+            if smp.constraint is not None:  # only tokens that keep the output valid JSON under the schema
+                logits[r].masked_fill_(~smp.constraint.allowed().to(logits.device), float("-inf"))
+        picked = sample(logits, rows, self.eos_token_ids)
         for (req, smp, _), tok, lp in zip(owners, picked.token_ids, picked.logprobs):
             smp.seq.token_ids.append(tok)
+            if smp.constraint is not None and tok not in self.eos_token_ids:
+                smp.constraint.advance(tok)
             if lp is not None:
                 smp.logprobs.append(lp)
                 smp.cumulative_logprob += lp.logprob
@@ -257,6 +278,8 @@ class Engine:
             hit = min(((smp.text.find(s), s) for s in p.stop if s in smp.text), default=None)
             if hit is not None:
                 smp.text, smp.stop_reason, reason = smp.text[:hit[0]], hit[1], "stop"
+        if reason is None and smp.constraint is not None and smp.constraint.is_complete:
+            reason = "stop"  # the JSON value is complete: nothing may follow it
         if reason is None and (len(out) >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len):
             reason = "length"
         if reason is not None:

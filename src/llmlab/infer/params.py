@@ -33,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top-k alternatives
     prompt_logprobs: int | None = None  # same for every prompt token (from the second on)
     skip_special_tokens: bool = True
+    guided_json: bool | dict | None = None  # constrained decoding: True = any JSON object, a dict = a JSON schema
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -71,6 +72,8 @@ class SamplingParams:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed; got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "stop strings must be non-empty strings")
+        if self.guided_json is not None and not isinstance(self.guided_json, (bool, dict)):
+            raise bad("guided_json", "it must be None, True (any JSON object) or a JSON schema dict")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
