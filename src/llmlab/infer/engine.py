@@ -50,6 +50,7 @@ class _Sample:
     seq: Sequence
     generator: torch.Generator | None
     text: str = ""  # decoded output so far (stop string cut off once found)
+    searched: int = 0  # text before this index has been searched for stop strings
     sent: int = 0  # characters of text already reported to stream()
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -209,7 +210,7 @@ class Engine:
         ready = []  # rows whose every token is now computed: they sample
         for i, (s, n) in enumerate(zip(seqs, new)):
             self.scheduler.computed(s, n)
-            req, sample_ = self._sample_of[s.seq_id]
+            req, _ = self._sample_of[s.seq_id]
             if req.params.prompt_logprobs is not None and len(req.prompt_logprobs or ()) < len(req.prompt_ids):
                 self._prompt_logprobs(req, h[i, :n], cached[i])
             if s.num_uncomputed == 0:
@@ -274,10 +275,20 @@ class Engine:
         reason = None
         if stop_id is not None:
             reason, smp.stop_reason = "stop", stop_id
-        elif p.stop and len(out) >= p.min_tokens:
-            hit = min(((smp.text.find(s), s) for s in p.stop if s in smp.text), default=None)
-            if hit is not None:
-                smp.text, smp.stop_reason, reason = smp.text[:hit[0]], hit[1], "stop"
+        elif p.stop:
+            # search only text that can hold a new occurrence (one that ends in what this token added; 3 more
+            # characters since a completed multi-byte character can replace up to 3 U+FFFD), and only once
+            # min_tokens are out: an earlier occurrence is part of the answer
+            found = []
+            if len(out) >= p.min_tokens:
+                for s in p.stop:
+                    at = smp.text.find(s, max(0, smp.searched - len(s) - 2))
+                    if at >= 0:
+                        found.append((at, s))
+            smp.searched = len(smp.text)
+            if found:
+                at, s = min(found)
+                smp.text, smp.stop_reason, reason = smp.text[:at], s, "stop"
         if reason is None and smp.constraint is not None and smp.constraint.is_complete:
             reason = "stop"  # the JSON value is complete: nothing may follow it
         if reason is None and (len(out) >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len):
