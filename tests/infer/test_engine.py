@@ -165,6 +165,10 @@ def test_stop_strings_across_token_boundaries_never_leak(model, tok):
     assert out.text == expected and out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
     streamed = list(llm.stream(prompt, params))
     assert "".join(streamed) == expected and len(streamed) > 1
+    # with min_tokens past the first occurrence, that occurrence is part of the answer
+    late = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, logit_bias=words, stop=[stop],
+                                                 min_tokens=k + 3))[0]
+    assert late.text.startswith(expected + stop) and len(late.text) > len(expected) + len(stop)
     assert llm.engine.cache.blocks.in_use() == 0
 
 
