@@ -283,6 +283,8 @@ class Engine:
             if len(out) >= p.min_tokens:
                 for s in p.stop:
                     at = smp.text.find(s, max(0, smp.searched - len(s) - 2))
+                    while 0 <= at and at + len(s) <= smp.searched:  # seen before: not new
+                        at = smp.text.find(s, at + 1)
                     if at >= 0:
                         found.append((at, s))
             smp.searched = len(smp.text)
