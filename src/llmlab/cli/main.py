@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, convert, generate, model, tokenizer, train
+from . import chat, convert, generate, model, serve, tokenizer, train
 
-GROUPS = [model, tokenizer, convert, train, generate, chat]
+GROUPS = [model, tokenizer, convert, train, generate, chat, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

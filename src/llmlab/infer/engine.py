@@ -291,8 +291,6 @@ class Engine:
             if found:
                 at, s = min(found)
                 smp.text, smp.stop_reason, reason = smp.text[:at], s, "stop"
-        if reason is None and smp.constraint is not None and smp.constraint.is_complete:
-            reason = "stop"  # the JSON value is complete: nothing may follow it
         if reason is None and (len(out) >= p.max_tokens or len(seq.token_ids) >= self.max_seq_len):
             reason = "length"
         if reason is not None:
