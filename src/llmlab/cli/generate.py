@@ -17,10 +17,6 @@ import json
 import re
 import sys
 
-# End-of-turn tokens of common chat templates: a chat reply stops at them even when the tokenizer's eos is
-# another token (a base model's tokenizer given a chat template, say).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -113,10 +109,11 @@ def load_llm(args: argparse.Namespace, *, need_chat: bool = False):
 
 
 def end_of_turn_ids(llm) -> list[int]:
-    """Ids of end-of-turn tokens in the vocabulary that the engine does not already stop at."""
-    tok = llm.tokenizer
-    ids = [tok.token_to_id(t) for t in END_OF_TURN_TOKENS]
-    return [i for i in ids if i is not None and i not in llm.engine.eos_token_ids]
+    """Ids of end-of-turn tokens in the vocabulary that the engine does not already stop at (the server's list)."""
+    # imported here: llmlab.serve loads the web stack, which `llmlab --help` and friends should not pay for
+    from ..serve.end_of_turn import end_of_turn_ids as ids_of
+
+    return ids_of(llm.tokenizer, llm.engine.eos_token_ids)
 
 
 def check_fits(llm, ids: list[int], what: str, truncate: bool) -> None:
@@ -205,8 +202,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stream and len(prompts) != 1:
         raise ValueError(f"--stream takes a single prompt, got {len(prompts)}")
     llm = load_llm(args, need_chat=args.chat)
-    if args.chat and end_of_turn_ids(llm):
-        params = sampling_params(args, stop_token_ids=end_of_turn_ids(llm))
+    stop_ids = end_of_turn_ids(llm) if args.chat else []
+    if stop_ids:
+        params = sampling_params(args, stop_token_ids=stop_ids)
     ids = [prompt_ids(llm, p, args) for p in prompts]
     for i, x in enumerate(ids):
         check_fits(llm, x, f"prompt {i + 1}" if len(ids) > 1 else "the prompt", args.truncate)
