@@ -69,3 +69,15 @@ def test_generate_benchmark_reports_both_layouts():
     for layout in ("paged", "contiguous"):
         assert row[f"speedup_{layout}"] > 0
         assert result["throughput_15m"][layout]["llmlab_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_serve_benchmark_reports_both_servers():
+    result = run("serve.py", "--small", "--requests", "4", "--concurrency", "2", "--warmup", "1")
+    for server in ("llmlab", "transformers"):
+        row = result[server]
+        assert row["requests_per_s"] > 0 and row["tokens_per_s"] > 0 and row["completion_tokens"] > 0
+        assert 0 < row["ttft_ms"]["p50"] <= row["latency_ms"]["p50"] and row["latency_ms"]["p99"] > 0
+    assert set(result["ratio"]) == {"requests_per_s", "tokens_per_s", "p50_latency", "p50_ttft"}
+    assert isinstance(result["goal_3x_requests_at_equal_or_better_p50"], bool)
+    assert 0 <= result["greedy_texts_equal_fraction"]["transformers"] <= 1
