@@ -238,8 +238,10 @@ def test_models_health_and_page(client, base_url):
     models = client.models.list()
     assert [m.id for m in models.data] == ["nano"]
     assert httpx.get(base_url + "/health").json() == {"status": "ok"}  # no key needed
-    page = httpx.get(base_url + "/")
+    assert httpx.get(base_url + "/").status_code == 401  # the page too is behind the key (HTTP Basic for browsers)
+    page = httpx.get(base_url + "/", auth=("user", KEY))
     assert page.status_code == 200 and "html" in page.headers["content-type"]
+    assert httpx.get(base_url + "/", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 def test_concurrency_limit_waits(client):

@@ -328,23 +328,35 @@ def test_web_chat_streams_stops_and_renders(server_url, browser, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_web_chat_api_key(model_and_tok, browser):
-    """With a server that wants a key, the page says so; the key typed into #api-key goes as a Bearer token."""
+    """With a key, the page itself is behind it: without credentials the server answers 401 with a Basic
+    challenge (the browser's password prompt); with the key as the Basic password the page loads, and the
+    browser sends the same credentials with the page's API calls."""
+    import base64
+
+    import httpx
+
     cdp = browser
     with serve(*model_and_tok, api_key="sesame") as url:
-        load(cdp, url)
-        cdp.wait_for("!document.getElementById('error').hidden", what="the missing-key error")
-        assert "API key" in cdp.eval("document.getElementById('error').textContent")
-        assert cdp.eval("document.getElementById('model-name').textContent") != MODEL_NAME
-        cdp.eval("(() => { const e = document.getElementById('api-key'); e.value = 'sesame'; "
-                 "e.dispatchEvent(new Event('change')); })()")
-        cdp.wait_for(f"document.getElementById('model-name').textContent === {json.dumps(MODEL_NAME)}",
-                     what="the model name once the key is given")
-        assert cdp.eval("document.getElementById('error').hidden")
-        set_value(cdp, "max-tokens", 4)
-        set_value(cdp, "temperature", 0)
-        cdp.type("#input", "Hi")
-        cdp.press_enter()
-        cdp.wait_for("document.body.dataset.state === 'idle' && document.getElementById('usage').textContent !== ''",
-                     what="a reply with the key")
-        s = state(cdp)
-        assert s["error"] is None and s["roles"] == ["user", "assistant"] and s["last"], s
+        page = httpx.get(url + "/")
+        assert page.status_code == 401 and page.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/", auth=("anyone", "wrong")).status_code == 401
+        assert httpx.get(url + "/", auth=("anyone", "sesame")).status_code == 200
+        basic = "Basic " + base64.b64encode(b"anyone:sesame").decode()
+        cdp.send("Network.enable")
+        cdp.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": basic}})
+        try:
+            load(cdp, url)
+            cdp.wait_for(f"document.getElementById('model-name').textContent === {json.dumps(MODEL_NAME)}",
+                         what="the model name with the key")
+            assert cdp.eval("document.getElementById('error').hidden")
+            set_value(cdp, "max-tokens", 4)
+            set_value(cdp, "temperature", 0)
+            cdp.type("#input", "Hi")
+            cdp.press_enter()
+            cdp.wait_for("document.body.dataset.state === 'idle' && "
+                         "document.getElementById('usage').textContent !== ''", what="a reply with the key")
+            s = state(cdp)
+            assert s["error"] is None and s["roles"] == ["user", "assistant"] and s["last"], s
+        finally:
+            cdp.send("Network.setExtraHTTPHeaders", {"headers": {}})

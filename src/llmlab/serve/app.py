@@ -4,7 +4,7 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/embeddings (encoder
 models), POST /tokenize and /detokenize (vLLM's bodies), GET /metrics (Prometheus), GET /health, and the web
-chat page at GET / with its files under /static. Every endpoint but /health, / and /static needs
+chat page at GET / with its files under /static. Every endpoint but /health needs
 ``Authorization: Bearer KEY`` when api_key is set. Errors use OpenAI's shape {"error": {"message", "type",
 "param", "code"}}: 400 validation and context length, 401 key, 404 model, 413 body size, 500 anything else
 (the server keeps running).
@@ -12,6 +12,7 @@ chat page at GET / with its files under /static. Every endpoint but /health, / a
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -42,8 +43,11 @@ KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/emb
                "/detokenize", "/metrics", "/health", "/"}
 
 
-def _error_response(err: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+def _error_response(err: APIError, path: str = "") -> JSONResponse:
+    headers = None
+    if err.status == 401:  # a browser opening the page gets its password prompt (Basic); API clients use Bearer
+        page = path == "/" or path.startswith("/static/")
+        headers = {"WWW-Authenticate": 'Basic realm="llmlab", charset="UTF-8"' if page else "Bearer"}
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -72,22 +76,33 @@ class _Gate:
             if err is None:
                 err, receive = await self._body(scope, receive)
             if err is not None:
-                await _error_response(err)(scope, receive, send_counted)
+                await _error_response(err, scope["path"])(scope, receive, send_counted)
                 return
             await self.app(scope, receive, send_counted)
         finally:
             self.server.metrics.count_request(_endpoint(scope["path"]), status[0])
 
     def _auth(self, scope) -> APIError | None:
+        """Every path but /health needs the key: `Authorization: Bearer KEY`, or HTTP Basic with the key as the
+        password (what a browser sends for the web page once its user typed the key into the prompt; the
+        browser then sends it with the page's own API calls too)."""
         key, path = self.server.api_key, scope["path"]
-        if key is None or path in ("/health", "/") or path.startswith("/static/"):
+        if key is None or path == "/health":
             return None
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         if not header:
             return APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'",
                             type="authentication_error", code="invalid_api_key")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        given = given.strip()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                given = ""
+        elif scheme.lower() != "bearer":
+            given = ""
+        if not given or not hmac.compare_digest(given.encode(), key.encode()):
             return APIError(401, "incorrect API key provided", type="authentication_error", code="invalid_api_key")
         return None
 
