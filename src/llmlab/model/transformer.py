@@ -104,7 +104,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
@@ -115,6 +115,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
         return_logits: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] (int); attention_mask [B, T] or, with a cache, [B, cached + T] (1 = real token);
         prefix_len [B] or int: length of the bidirectional prefix (prefix_lm only).
@@ -123,9 +124,16 @@ class Transformer(nn.Module):
         the logits it gets alone.
         return_logits=False with labels on an LM head computes the loss chunk by chunk without ever holding
         the [B, T, vocab] logits (losses.linear_cross_entropy); out.logits is then None. Without labels it
-        skips the head (the inference engine applies it to the positions it samples from)."""
+        skips the head (the inference engine applies it to the positions it samples from).
+        inputs_embeds [B, T, dim] (float) replaces the token embedding lookup tok_emb(input_ids) (then pass
+        input_ids=None): soft prompts (peft/prompt.py) feed vectors that are no token. Everything after the
+        lookup (embed_scale, token types, learned/sinusoidal positions, the embedding norm) applies as usual."""
         cfg = self.cfg
-        self._check_input(input_ids, attention_mask, prefix_len, cache)
+        if inputs_embeds is not None:
+            self._check_embeds(input_ids, inputs_embeds)
+            # positions, masks and the checks below need only the ids' shape and device: a placeholder
+            input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        self._check_input(input_ids, attention_mask, prefix_len, cache, check_values=inputs_embeds is None)
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
         if document_ids is not None:
@@ -145,7 +153,7 @@ class Transformer(nn.Module):
         else:
             key_valid, positions = self._keys_and_positions(input_ids, attention_mask, position_ids, cache, offset)
 
-        h = self.tok_emb(input_ids)
+        h = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         if cfg.embed_scale != 1.0:
             h = h * cfg.embed_scale
         if self.type_emb is not None:
@@ -201,7 +209,16 @@ class Transformer(nn.Module):
                 loss = loss + aux_total
         return ModelOutput(logits, h, loss, aux_total, attentions, cache)
 
-    def _check_input(self, input_ids, attention_mask, prefix_len, cache) -> None:
+    def _check_embeds(self, input_ids, inputs_embeds) -> None:
+        if input_ids is not None:
+            raise ValueError("pass either input_ids or inputs_embeds to forward(), not both")
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError("inputs_embeds must be a floating-point torch.Tensor [batch, seq, dim]")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.dim:
+            raise ValueError(f"inputs_embeds must have shape [batch, seq, dim={self.cfg.dim}], "
+                             f"got {tuple(inputs_embeds.shape)}")
+
+    def _check_input(self, input_ids, attention_mask, prefix_len, cache, check_values: bool = True) -> None:
         cfg = self.cfg
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
@@ -212,7 +229,7 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}; "
                              "add a batch dimension with input_ids[None]")
         # The range check reads values back to Python, which would break a torch.compile graph: eager only.
-        if input_ids.numel() and not torch.compiler.is_compiling() and \
+        if check_values and input_ids.numel() and not torch.compiler.is_compiling() and \
                 (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}) (vocab_size); "
                              f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")

@@ -10,6 +10,9 @@ Our fused layers map part by part: qkv's q/k/v parts <-> q_proj/k_proj/v_proj, t
 <-> gate_proj/up_proj (Llama, Qwen2, Mistral). GPT-2 keeps c_attn fused as we do, so there the whole qkv
 layer is one PEFT module (fan_in_fan_out: Conv1D stores W as [in, out]; lora_A/lora_B are nn.Linear-shaped
 anyway, so the tensors are the same).
+
+(IA)³ adapters (peft_type "IA3") are written and read by ia3.save_ia3 / ia3.load_ia3; save_adapter and
+load_adapter dispatch to them.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ def _hf_map(model, family: str) -> dict[str, Part]:
 
 def save_adapter(model, path: str | os.PathLike, name: str = "default", base_model_name_or_path: str | None = None):
     """Write adapter `name` as PEFT does, loadable with `peft.PeftModel.from_pretrained(hf_model, path)`."""
+    if name not in _configs(model) and name in getattr(model, "ia3_configs", {}):  # an (IA)³ adapter
+        from .ia3 import save_ia3
+        return save_ia3(model, path, name, base_model_name_or_path)
     _check_name(model, name)
     config: LoraConfig = _configs(model)[name]
     family = _family(model)
@@ -116,11 +122,15 @@ _KEY = re.compile(r"(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.weigh
 
 
 def load_adapter(model, path: str | os.PathLike, name: str = "default"):
-    """Read a PEFT LoRA/DoRA adapter directory into adapter `name` of our model (and make it active)."""
+    """Read a PEFT LoRA/DoRA adapter directory into adapter `name` of our model (and make it active); an IA3
+    adapter (peft_type "IA3") goes to ia3.load_ia3."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}")
     c = json.loads((path / CONFIG_NAME).read_text())
+    if c.get("peft_type") == "IA3":
+        from .ia3 import load_ia3
+        return load_ia3(model, path, name)
     if c.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type={c.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("rank_pattern", "alpha_pattern"):
