@@ -81,3 +81,15 @@ def test_serve_benchmark_reports_both_servers():
     assert set(result["ratio"]) == {"requests_per_s", "tokens_per_s", "p50_latency", "p50_ttft"}
     assert isinstance(result["goal_3x_requests_at_equal_or_better_p50"], bool)
     assert 0 <= result["greedy_texts_equal_fraction"]["transformers"] <= 1
+
+
+@pytest.mark.slow
+def test_peft_benchmark_reports_every_method_against_full_fine_tuning():
+    result = run("peft.py", "--preset", "nano", "--methods", "full,lora,ia3,bitfit", "--steps", "1", "--batch", "1",
+                 "--seq", "16", "--threads", "1")
+    rows = result["methods"]
+    assert rows["full"]["trainable_percent"] == 100 and rows["full"]["vs_full"]["peak_rss"] == 1.0
+    for method in ("lora", "ia3", "bitfit"):
+        row = rows[method]
+        assert 0 < row["trainable_params"] < rows["full"]["trainable_params"], method
+        assert row["peak_rss_mib"] > 0 and row["tokens_per_s"] > 0 and row["vs_full"]["tokens_per_s"] > 0

@@ -2,6 +2,7 @@
 
     llmlab pretrain --recipe recipes/pretrain/micro.yaml train.max_steps=200 out_dir=runs/micro
     llmlab sft --recipe recipes/sft/smollm2.yaml data.max_conversations=200
+    llmlab sft --recipe recipes/sft/nano.yaml --peft lora peft.r=8      # LoRA (the `peft` section; adapter/)
     llmlab pretrain --recipe recipes/pretrain/nano.yaml --print-config     # the resolved config, then exit
 """
 
@@ -24,7 +25,10 @@ WORKFLOWS = {
 
 def _run(name: str, args: argparse.Namespace) -> int:
     cls, workflow, _ = WORKFLOWS[name]
-    cfg = load_recipe(cls, args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "peft", None):  # the shortcut first: an explicit peft.method=... still wins
+        overrides.insert(0, f"peft.method={args.peft}")
+    cfg = load_recipe(cls, args.recipe, overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
@@ -40,6 +44,14 @@ def _run(name: str, args: argparse.Namespace) -> int:
         parts.append(f"best {result.best_val_loss:.4f} at step {result.best_step}")
     print(f"{name}: " + ", ".join(parts))
     print(f"model: {cfg.out_dir}/final   metrics: {result.metrics_path}   plot: {result.plot_path}")
+    peft = getattr(getattr(cfg, "peft", None), "method", "none")
+    if peft != "none":
+        import json
+        from pathlib import Path
+
+        s = json.loads((Path(cfg.out_dir) / "peft.json").read_text())
+        print(f"peft {peft}: {s['trainable_parameters']:,} trainable parameters of {s['total_parameters']:,} "
+              f"({s['trainable_percent']:.3f}%)   adapter: {cfg.out_dir}/adapter")
     return 0
 
 
@@ -50,4 +62,8 @@ def register(groups: argparse._SubParsersAction) -> None:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="override recipe keys, dotted for nested sections (train.lr=1e-3 data.seq_len=128)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if name == "sft":
+            p.add_argument("--peft", metavar="METHOD",
+                           help="parameter-efficient fine-tuning: sets peft.method (none lora dora adalora ia3 "
+                                "bitfit prompt ptuning prefix); tune it with peft.r=8 peft.alpha=16 ...")
         p.set_defaults(run=partial(_run, name), group_parser=p)
