@@ -15,23 +15,19 @@ import gc
 import json
 import os
 import random
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from openai import OpenAI
 
 from llmlab.infer import LLM, SamplingParams
 from llmlab.model import ModelConfig, Transformer
 from llmlab.serve import create_app
-from llmlab.tokenizer import train
-from llmlab.tokenizer.chat import get_template
+from serve_helpers import chatml_tokenizer, running
 
 TEXT = ("the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. "
         "stop here, then go there; the end is near, the end is here. ") * 20
@@ -48,10 +44,7 @@ def rss_mib() -> float:
 
 @pytest.fixture(scope="module")
 def tok():
-    tok = train([TEXT], kind="bpe", vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.chat_template = get_template("chatml")
-    tok.eos_token = "<|im_end|>"
-    return tok
+    return chatml_tokenizer(TEXT)
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +57,8 @@ def model(tok):
 def server(model, tok):
     llm = LLM(model, tok)
     app = create_app(llm, model_name="nano", api_key=None, max_concurrency=64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", llm
-    srv.should_exit = True
-    thread.join(10)
+    with running(app, log_level="critical") as url:
+        yield url, llm
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -7,8 +7,6 @@ emit exactly that call, which the server must parse into OpenAI tool_calls. The 
 on strings."""
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +14,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from openai import OpenAI
 
 from llmlab.infer import LLM
@@ -24,7 +21,7 @@ from llmlab.model import ModelConfig, Transformer
 from llmlab.serve import app as serve_app
 from llmlab.serve import create_app, parse_tool_calls
 from llmlab.tokenizer import Tokenizer, train
-from llmlab.tokenizer.chat import get_template
+from serve_helpers import chatml_tokenizer, running
 
 TEXT = ("the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log. "
         "stop here, then go there; the end is near, the end is here. ") * 20
@@ -40,12 +37,11 @@ WINDOW = 768  # the tool list in the system turn alone is ~550 tokens of this sm
 
 @pytest.fixture(scope="module")
 def tok():
-    base = train([TEXT], kind="bpe", vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    base = chatml_tokenizer(TEXT)
     data = base.to_hf_dict()
     data["added_tokens"].append({"content": CALL, "id": len(base), "special": False})
     tok = Tokenizer.from_hf_dict(data)
-    tok.chat_template = get_template("chatml")
-    tok.eos_token = "<|im_end|>"  # a ChatML model ends its turn with <|im_end|>
+    tok.chat_template, tok.eos_token = base.chat_template, base.eos_token
     return tok
 
 
@@ -58,19 +54,8 @@ def llm(tok):
 @pytest.fixture(scope="module")
 def base_url(llm):
     app = create_app(llm, model_name="nano", api_key=KEY, max_concurrency=2, max_body_bytes=MAX_BODY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with running(app, log_level="critical") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -38,8 +37,7 @@ import torch  # noqa: E402
 
 from llmlab.infer import LLM  # noqa: E402
 from llmlab.model import ModelConfig, Transformer  # noqa: E402
-from llmlab.tokenizer import train  # noqa: E402
-from llmlab.tokenizer.chat import get_template  # noqa: E402
+from serve_helpers import chatml_tokenizer, running  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "nano-web-test"
@@ -51,34 +49,15 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Hello there, how are you t
 
 @contextlib.contextmanager
 def serve(model, tok, **options):
-    """The real app (llmlab.serve.create_app) under uvicorn in a background thread on a free loopback port."""
-    app = create_app(LLM(model, tok), model_name=MODEL_NAME, **options)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the uvicorn server did not start")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    """The real app (llmlab.serve.create_app) on a free loopback port."""
+    with running(create_app(LLM(model, tok), model_name=MODEL_NAME, **options)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def model_and_tok():
     torch.manual_seed(0)
-    tok = train([TEXT], kind="bpe", vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.chat_template = get_template("chatml")
-    tok.eos_token = "<|im_end|>"  # train() sets none; the engine stops on the tokenizer's eos
+    tok = chatml_tokenizer(TEXT)
     model = Transformer(ModelConfig.preset("nano", vocab_size=len(tok), max_seq_len=256)).eval()
     return model, tok
 

@@ -268,24 +268,19 @@ def save_ia3(model, path: str | os.PathLike, name: str = "default", base_model_n
     """Write IA3 adapter `name` as PEFT does (`peft.PeftModel.from_pretrained(hf_model, path)` loads it)."""
     from safetensors.torch import save_file
 
-    from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _family, _hf_map, hf_module_name
+    from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _family, _hf_map, peft_module_names
 
     _check_name(model, name)
     family = _family(model)
     if family == "gpt2":
         raise ValueError("IA3 adapters are mapped for Llama-family models (separate k_proj/v_proj); not gpt2")
     tensors, modules, ff_modules = {}, [], []
-    for module, parts in ia3_parts(model, name).items():
-        for p in parts.values():
-            hf = hf_module_name(family, Part(module, p.name, p.start, p.stop))
-            if hf is None:
-                raise ValueError(f"{module} part {p.name!r} of IA3 adapter {name!r} has no PEFT equivalent in a "
-                                 f"{family} model; target it by Hugging Face names (q k v o gate up down)")
-            modules.append(hf)
-            if p.feedforward:
-                ff_modules.append(hf)
-            v = p.ia3_l.detach().contiguous().cpu()
-            tensors[PREFIX + hf + ".ia3_l"] = v[None, :] if p.feedforward else v[:, None]
+    for hf, p in peft_module_names(family, ia3_parts(model, name), f"IA3 adapter {name!r}"):
+        modules.append(hf)
+        if p.feedforward:
+            ff_modules.append(hf)
+        v = p.ia3_l.detach().contiguous().cpu()
+        tensors[PREFIX + hf + ".ia3_l"] = v[None, :] if p.feedforward else v[:, None]
 
     def patterns(chosen: list[str]):
         # a list of suffixes when it covers every layer (PEFT matches suffixes), else an exact regex

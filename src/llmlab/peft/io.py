@@ -61,6 +61,18 @@ def hf_module_name(family: str, part: Part) -> str | None:
     return f"{layers}{m.group(1)}.{table[(m.group(2), part.name)]}"
 
 
+def peft_module_names(family: str, parts_by_module: dict, what: str):
+    """(Hugging Face module name, part) for every part of an adapter (lora_parts / ia3_parts); an error for a
+    part that has no PEFT equivalent."""
+    for module, parts in parts_by_module.items():
+        for p in parts.values():
+            hf = hf_module_name(family, Part(module, p.name, p.start, p.stop))
+            if hf is None:
+                raise ValueError(f"{module} part {p.name!r} of {what} has no PEFT equivalent in a {family} model; "
+                                 "target it by Hugging Face names (q k v o gate up down)")
+            yield hf, p
+
+
 def _hf_map(model, family: str) -> dict[str, Part]:
     """HF module name -> our part, for every part the model has (fused GPT-2 qkv counts as one part)."""
     out = {}
@@ -83,18 +95,13 @@ def save_adapter(model, path: str | os.PathLike, name: str = "default", base_mod
     config: LoraConfig = _configs(model)[name]
     family = _family(model)
     tensors, modules = {}, []
-    for module, parts in lora_parts(model, name).items():
-        for p in parts.values():
-            hf = hf_module_name(family, Part(module, p.name, p.start, p.stop))
-            if hf is None:
-                raise ValueError(f"{module} part {p.name!r} of adapter {name!r} has no PEFT equivalent in a "
-                                 f"{family} model; target it by Hugging Face names (q k v o gate up down)")
-            modules.append(hf)
-            key = PREFIX + hf
-            tensors[key + ".lora_A.weight"] = p.lora_A.detach().contiguous().cpu()
-            tensors[key + ".lora_B.weight"] = p.lora_B.detach().contiguous().cpu()
-            if p.lora_magnitude is not None:
-                tensors[key + ".lora_magnitude_vector"] = p.lora_magnitude.detach().contiguous().cpu()
+    for hf, p in peft_module_names(family, lora_parts(model, name), f"adapter {name!r}"):
+        modules.append(hf)
+        key = PREFIX + hf
+        tensors[key + ".lora_A.weight"] = p.lora_A.detach().contiguous().cpu()
+        tensors[key + ".lora_B.weight"] = p.lora_B.detach().contiguous().cpu()
+        if p.lora_magnitude is not None:
+            tensors[key + ".lora_magnitude_vector"] = p.lora_magnitude.detach().contiguous().cpu()
     # PEFT matches a list of target_modules by module-name suffix in every layer; when the adapter covers a
     # subset of layers, an exact regex (matched in full) says precisely which modules it adapts.
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in modules})
