@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlab.model import ModelConfig, Transformer
+from llmlab.model import Transformer
 from llmlab.peft import trainable_parameters
 from llmlab.peft.adapters import (
     AdapterConfig,
@@ -25,25 +25,12 @@ from llmlab.peft.adapters import (
     set_adapters,
     set_fusion,
 )
+from peft_helpers import ids, logits, model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 EXACT = dict(atol=0, rtol=0)
 POST = dict(norm_placement="post", norm="layernorm", position="learned", kind="encoder", head="mlm")
 CONFIGS = {"pre": {}, "post": POST, "moe": dict(n_experts=4, moe_top_k=2)}
-
-
-def model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.preset("nano", **overrides)).eval()
-
-
-def ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(m, x):
-    with torch.no_grad():
-        return m(x).logits
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab.model import ModelConfig, Transformer
 from llmlab.peft import (
     IA3Config,
     add_ia3,
@@ -25,22 +24,9 @@ from llmlab.peft import (
     trainable_parameters,
     unmerge_ia3,
 )
+from peft_helpers import ids, logits, model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.preset("nano", **overrides)).eval()
-
-
-def ids(seed: int = 1, vocab: int = 512) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(m, x):
-    with torch.no_grad():
-        return m(x).logits
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlab.model import ModelConfig, Transformer
+from llmlab.model import ModelConfig
 from llmlab.peft import (
     LoraConfig,
     LoraLinear,
@@ -21,23 +21,10 @@ from llmlab.peft import (
     trainable_parameters,
     unmerge_lora,
 )
+from peft_helpers import ids, logits, model
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig.preset("nano", **overrides)).eval()
-
-
-def ids(seed: int = 1, vocab: int = 512) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 10), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(m, x):
-    with torch.no_grad():
-        return m(x).logits
 
 
 @torch.no_grad()
