@@ -156,6 +156,32 @@ def test_quantized_tensors_dequantize(tmp_path, qtype):
     assert m.metadata["tensor_types"] == {qtype.name: len(matrices), "F32": len(weights) - len(matrices)}
 
 
+def _same_as_gguf_reader(path: Path) -> None:
+    """Our header reader (io/gguf_file.py) against gguf's GGUFReader: every metadata value, every tensor's
+    name, shape, type and bytes."""
+    from llmlab.io.gguf_file import GGUFFile
+
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert ours.version == theirs.fields["GGUF.version"].contents()
+    assert ours.fields == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.shape, a.tensor_type) == (b.name, tuple(int(d) for d in b.shape), b.tensor_type)
+        assert a.data.tobytes() == np.asarray(b.data).tobytes(), a.name
+
+
+def test_header_reader_equals_gguf_reader(tmp_path):
+    extra = {"test.u8": lambda w, k: w.add_uint8(k, 7), "test.i16": lambda w, k: w.add_int16(k, -3),
+             "test.u64": lambda w, k: w.add_uint64(k, 2**40), "test.i64": lambda w, k: w.add_int64(k, -2**40),
+             "test.f64": lambda w, k: w.add_float64(k, 0.1), "test.bool": lambda w, k: w.add_bool(k, True),
+             "test.floats": lambda w, k: w.add_array(k, [0.5, -1.25]), "test.bools": lambda w, k: w.add_array(
+                 k, [True, False]), "test.unicode": lambda w, k: w.add_string(k, "žluťoučký 中文")}
+    weights = hf_weights(seed=2)
+    write_gguf(tmp_path / "m.gguf", weights, types={"model.layers.0.mlp.up_proj.weight": Q.Q4_1,
+                                                    "model.layers.0.mlp.down_proj.weight": Q.Q8_0}, extra=extra)
+    _same_as_gguf_reader(tmp_path / "m.gguf")
+
+
 def test_dtype_argument(tmp_path):
     write_gguf(tmp_path / "m.gguf", hf_weights(), types={"model.embed_tokens.weight": Q.Q8_0})
     m = read_gguf(tmp_path / "m.gguf", dtype=torch.bfloat16)
@@ -344,6 +370,11 @@ def ours(smollm2):
     assert missing == ["lm_head.weight"] and not unexpected  # tied: the head is the embedding
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     return model.eval()
+
+
+@pytest.mark.slow
+def test_smollm2_header_reader_equals_gguf_reader():
+    _same_as_gguf_reader(_smollm2_path())
 
 
 @pytest.mark.slow

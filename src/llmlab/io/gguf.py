@@ -32,11 +32,12 @@ import numpy as np
 import torch
 
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, LlamaFileType
+from gguf import LlamaFileType
 from gguf.quants import dequantize
 
 from ..tokenizer.bytelevel import BYTE_TO_UNICODE
 from ..tokenizer.pretokenize import GPT4_PATTERN
+from .gguf_file import GGUFFile
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q8_0)
@@ -82,13 +83,13 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
     if not dtype.is_floating_point:
         raise GGUFError(f"dtype must be a floating-point torch dtype (float32, bfloat16, float16), got {dtype}")
     try:  # the reader parses the whole header and tensor table up front, so damage shows here
-        reader = GGUFReader(path)
+        reader = GGUFFile(path)
     except Exception as e:  # numpy/struct errors of every kind mean the same thing to the caller
         raise GGUFError(
             f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is probably truncated or "
             f"corrupt: copy or download it again (its size is {path.stat().st_size} bytes)"
         ) from e
-    meta = {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+    meta = reader.fields
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
@@ -110,7 +111,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
         file_type = meta.get("general.file_type")
     metadata = {k: v for k, v in meta.items() if k.startswith("general.")} | {
         "path": str(path),
-        "gguf_version": int(reader.fields["GGUF.version"].contents()),
+        "gguf_version": reader.version,
         "file_type": file_type,
         "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors)),
         "tokenizer_model": meta.get("tokenizer.ggml.model"),
@@ -242,7 +243,7 @@ def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return w.swapaxes(1, 2).reshape(weight.shape)
 
 
-def _state_dict(path: Path, reader: GGUFReader, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _state_dict(path: Path, reader: GGUFFile, config: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     names = {}
     for tensor in reader.tensors:  # check every tensor before the slow part, so a bad file fails at once
         try:
@@ -264,9 +265,7 @@ def _state_dict(path: Path, reader: GGUFReader, config: dict, dtype: torch.dtype
         if (hf_name := names[tensor.name]) is None:
             continue
         shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml lists dimensions fastest-first
-        # A plain ndarray view of the mapped bytes: numpy's memmap subclass costs per slice, and gguf's
-        # dequantizers slice a lot (it more than doubles the load time).
-        values = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         projection = hf_name.split(".")[-2]
         if projection in heads:
             values = unpermute_rotary(values, heads[projection])  # a fresh array (the reshape copies)
