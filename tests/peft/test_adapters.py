@@ -22,6 +22,8 @@ from llmlab.peft.adapters import (
     add_adapter,
     add_fusion,
     fusion_modules,
+    load_bottleneck_adapter,
+    save_bottleneck_adapter,
     set_adapters,
     set_fusion,
 )
@@ -106,6 +108,23 @@ def test_reduction_factor_and_second_adapter_counts():
     set_adapters(m, ["a", "b"])
     assert trainable_parameters(m)[0] == n_a + L * (2 * d * 6 + 6 + d)
     assert active_adapters(m) == ("stack", ("a", "b"))
+
+
+def test_save_and_load_round_trip_and_shape_mismatch(tmp_path):
+    m = model()
+    add_adapter(m, AdapterConfig(bottleneck=6, placement="mlp", activation="gelu"), "task")
+    randomize_(adapter_modules(m, "task").values())
+    x = ids()
+    save_bottleneck_adapter(m, tmp_path / "a", "task")
+    fresh = model()
+    assert load_bottleneck_adapter(fresh, tmp_path / "a") == "task"
+    torch.testing.assert_close(logits(fresh, x), logits(m, x), **EXACT)
+    assert fresh.adapter_configs["task"] == m.adapter_configs["task"]
+    wider = model(dim=96, n_heads=4, n_kv_heads=4)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.adapters\.adapters\.task\.down\.weight .*another shape"):
+        load_bottleneck_adapter(wider, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="bottleneck_adapter.json"):
+        load_bottleneck_adapter(model(), tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["pre", "post"])

@@ -18,7 +18,8 @@ from train_helpers import nano_overrides, write_corpus  # noqa: E402
 
 import llmlab  # noqa: E402
 from llmlab.cli.main import main  # noqa: E402
-from llmlab.peft import load_adapter, load_prompt  # noqa: E402
+from llmlab.peft import AdapterConfig, load_adapter, load_bottleneck_adapter, load_prompt  # noqa: E402
+from llmlab.peft.adapters import adapter_parameter_count  # noqa: E402
 from llmlab.train import PretrainConfig, load_recipe, pretrain  # noqa: E402
 from llmlab.train.metrics import read_metrics  # noqa: E402
 from llmlab.train.supervised import SFTConfig, sft  # noqa: E402
@@ -105,6 +106,7 @@ def test_lora_sft_trains_only_the_adapter_and_saves_it_in_peft_format(base, tmp_
     ("adalora", ["peft.r=2", "peft.init_r=4", "peft.tinit=2", "peft.tfinal=2"],
      ["adalora_model.safetensors", "adalora_config.json"]),
     ("bitfit", ["peft.target_modules=[q, o, up, down]"], ["bitfit_model.safetensors", "bitfit.json"]),
+    ("adapter", ["peft.reduction_factor=8"], ["bottleneck_adapter.safetensors", "bottleneck_adapter.json"]),
     ("prompt", ["peft.n_virtual_tokens=4"], ["adapter_config.json", "adapter_model.safetensors"]),
     ("ptuning", ["peft.n_virtual_tokens=4"], ["adapter_config.json", "adapter_model.safetensors"]),
     ("prefix", ["peft.n_virtual_tokens=4"], ["adapter_config.json", "adapter_model.safetensors"]),
@@ -126,9 +128,15 @@ def test_every_method_trains_and_saves(base, tmp_path, method, extra, files):
     if method == "adalora":
         ranks = json.loads((out / "adapter" / "adalora_config.json").read_text())["ranks"]
         assert sum(ranks.values()) <= 2 * len(ranks)  # pruned to the target budget at step T - tfinal
-    if method in ("prompt", "ptuning", "prefix"):
+    if method in ("prompt", "ptuning", "prefix", "adapter"):
         original, _ = llmlab.load(base[0])
         assert torch.equal(logits(original, x), logits(final, x))  # the base is untouched
+    if method == "adapter":  # the trained bottleneck loads back onto the base and changes its outputs
+        assert load_bottleneck_adapter(original, out / "adapter") == "default"
+        assert not torch.allclose(logits(original, x), logits(final, x), atol=1e-4)
+        assert summary["trainable_parameters"] == adapter_parameter_count(
+            final.cfg.dim, AdapterConfig(reduction_factor=8), final.cfg.n_layers)
+    if method in ("prompt", "ptuning", "prefix"):
         wrapper = load_prompt(original, out / "adapter")
         assert wrapper.n_virtual_tokens == 4
         assert not read_metrics(out / "metrics.jsonl", "sample")  # no samples from a prompt wrapper

@@ -65,5 +65,5 @@ def register(groups: argparse._SubParsersAction) -> None:
         if name == "sft":
             p.add_argument("--peft", metavar="METHOD",
                            help="parameter-efficient fine-tuning: sets peft.method (none lora dora adalora ia3 "
-                                "bitfit prompt ptuning prefix); tune it with peft.r=8 peft.alpha=16 ...")
+                                "bitfit adapter prompt ptuning prefix); tune it with peft.r=8 peft.alpha=16 ...")
         p.set_defaults(run=partial(_run, name), group_parser=p)

@@ -3,7 +3,15 @@ method: LoRA (+rsLoRA, DoRA; lora.py), (IA)³ (ia3.py), BitFit (bitfit.py), AdaL
 methods: prompt tuning, P-tuning, prefix tuning and P-tuning v2 (prompt.py); Houlsby/Pfeiffer bottleneck adapters
 and AdapterFusion (adapters.py); layer-wise learning-rate decay (layerwise.py)."""
 
-from .adapters import AdapterConfig, add_adapter, add_fusion, set_adapters, set_fusion
+from .adapters import (
+    AdapterConfig,
+    add_adapter,
+    add_fusion,
+    load_bottleneck_adapter,
+    save_bottleneck_adapter,
+    set_adapters,
+    set_fusion,
+)
 from .adalora import (
     AdaLoraConfig,
     AdaLoraController,
@@ -30,7 +38,8 @@ from .lora import (
 from .prompt import PrefixCache, PrefixTuning, PromptTuning, PTuning, load_prompt, p_tuning_v2, save_prompt
 
 __all__ = [
-    "AdapterConfig", "add_adapter", "add_fusion", "set_adapters", "set_fusion", "layerwise_lr_groups",
+    "AdapterConfig", "add_adapter", "add_fusion", "load_bottleneck_adapter", "save_bottleneck_adapter",
+    "set_adapters", "set_fusion", "layerwise_lr_groups",
     "AdaLoraConfig", "AdaLoraController", "IA3Config", "LoraConfig", "LoraLinear", "PTuning", "PrefixCache",
     "PrefixTuning", "PromptTuning", "active_adapter", "adalora_parts", "add_adalora", "add_ia3", "add_lora",
     "add_zero_biases", "apply_bitfit", "ia3_state_dict", "load_adapter", "load_ia3", "load_prompt",

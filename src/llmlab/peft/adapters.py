@@ -332,3 +332,47 @@ def adapter_parameter_count(dim: int, config: AdapterConfig, n_layers: int) -> i
     """Closed form: n_layers · placements · (2·dim·b + b + dim)."""
     b = config.hidden(dim)
     return n_layers * len(PLACEMENTS[config.placement]) * (2 * dim * b + b + dim)
+
+
+def save_bottleneck_adapter(model: nn.Module, path, name: str = "default") -> None:
+    """adapter `name` to `path`/: bottleneck_adapter.safetensors (our state-dict keys; PEFT has no bottleneck
+    adapters, so no PEFT format) and bottleneck_adapter.json (its AdapterConfig)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    _check_names(model, [name])
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    save_file(tensors, str(path / "bottleneck_adapter.safetensors"), metadata={"format": "pt"})
+    (path / "bottleneck_adapter.json").write_text(json.dumps(
+        {"peft_type": "BOTTLENECK_ADAPTER (llmlab names)", "name": name, **_configs(model)[name].to_dict()},
+        indent=2) + "\n")
+
+
+def load_bottleneck_adapter(model: nn.Module, path) -> str:
+    """Add the adapter saved by save_bottleneck_adapter to `model` (made active and trainable, as add_adapter
+    does) and return its name. A model of another shape is refused naming the first tensor that differs."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "bottleneck_adapter.json").is_file():
+        raise FileNotFoundError(f"{path} has no bottleneck_adapter.json (written by save_bottleneck_adapter)")
+    meta = json.loads((path / "bottleneck_adapter.json").read_text())
+    name = meta.pop("name")
+    meta.pop("peft_type", None)
+    add_adapter(model, AdapterConfig(**meta), name)
+    tensors = load_file(str(path / "bottleneck_adapter.safetensors"))
+    own = model.state_dict()
+    for key, value in tensors.items():
+        if key not in own or own[key].shape != value.shape:
+            got = tuple(own[key].shape) if key in own else "no such module"
+            raise ValueError(f"adapter tensor {key} {tuple(value.shape)} does not fit this model ({got}): it was "
+                             "trained on a base model of another shape")
+    model.load_state_dict(tensors, strict=False)
+    return name

@@ -20,12 +20,14 @@ writes peft.json (method, trainable and total parameters) and adapter/:
     adalora        no PEFT writer here: adalora_model.safetensors (our module names: P, Λ, Q per part) and
                    adalora_config.json (config + final ranks)
     bitfit         PEFT has no BitFit: bitfit_model.safetensors (every trained bias, our names) + bitfit.json
+    adapter        PEFT has no bottleneck adapters: bottleneck_adapter.safetensors + .json (Houlsby, or
+                   Pfeiffer with peft.placement=mlp), read back by llmlab.peft.load_bottleneck_adapter
 
 final/ is always a plain llmlab checkpoint: the adapter merged into the weights (LoRA, DoRA, IA3, AdaLoRA),
 the trained biases in the model (BitFit; the config's bias flags set where biases were added), or for the
-prompt methods the unchanged base model (a soft prompt or prefix cannot be folded into the weights: use
-adapter/). AdaLoRA's importance statistics (the controller) are not checkpointed: a resumed AdaLoRA run
-restarts them. The prompt methods generate no samples during training (the wrapper is not a plain model).
+prompt methods and bottleneck adapters the unchanged base model (a soft prompt, a prefix or a nonlinear
+bottleneck cannot be folded into the weights: use adapter/). AdaLoRA's importance statistics (the controller)
+are not checkpointed: a resumed AdaLoRA run restarts them. The prompt methods generate no samples during training (the wrapper is not a plain model).
 """
 
 from __future__ import annotations
@@ -61,12 +63,12 @@ class SFTData:
     chat_template: str | None = None  # None: the tokenizer's; or a built-in name (chatml, llama3) or Jinja text
 
 
-PEFT_METHODS = ("none", "lora", "dora", "adalora", "ia3", "bitfit", "prompt", "ptuning", "prefix")
+PEFT_METHODS = ("none", "lora", "dora", "adalora", "ia3", "bitfit", "adapter", "prompt", "ptuning", "prefix")
 
 
 @dataclass
 class SFTPeft:
-    method: str = "none"  # none | lora | dora | adalora | ia3 | bitfit | prompt | ptuning | prefix
+    method: str = "none"  # none | lora | dora | adalora | ia3 | bitfit | adapter | prompt | ptuning | prefix
     r: int = 8  # LoRA/DoRA rank; AdaLoRA's average final rank (target_r)
     alpha: float = 16.0  # LoRA/DoRA/AdaLoRA scaling numerator (s = alpha / r; AdaLoRA: alpha / init_r)
     dropout: float = 0.0  # on the adapter's input (LoRA, DoRA, AdaLoRA)
@@ -83,13 +85,15 @@ class SFTPeft:
     init_text: str | None = None  # prompt: initialize the soft prompt from this text
     prefix_projection: bool = False  # prefix: train through an MLP reparameterization (false: P-tuning v2)
     encoder: str = "mlp"  # ptuning: mlp | lstm
+    reduction_factor: int = 16  # adapter: bottleneck size = dim // reduction_factor
+    placement: str = "both"  # adapter: both (Houlsby: after attention and MLP) | mlp (Pfeiffer: after the MLP)
 
     def validate(self) -> None:
         if self.method not in PEFT_METHODS:
             close = difflib.get_close_matches(self.method, PEFT_METHODS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown peft.method {self.method!r}{hint}; choose one of {', '.join(PEFT_METHODS)}")
-        for key in ("r", "init_r", "n_virtual_tokens"):
+        for key in ("r", "init_r", "n_virtual_tokens", "reduction_factor"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"peft.{key} must be an int >= 1, got {v!r}")
@@ -99,6 +103,8 @@ class SFTPeft:
             raise ValueError(f"peft.r={self.r} (AdaLoRA's final average rank) is above peft.init_r={self.init_r}")
         if self.method == "ptuning" and self.encoder not in ("mlp", "lstm"):
             raise ValueError(f"peft.encoder must be mlp or lstm, got {self.encoder!r}")
+        if self.placement not in ("both", "mlp"):
+            raise ValueError(f"peft.placement must be both or mlp, got {self.placement!r}")
 
 
 def _sft_train_defaults() -> TrainConfig:
@@ -130,27 +136,34 @@ class SFTConfig:
                              f"{self.data.batch_size}")
 
 
-def sft(cfg: SFTConfig) -> TrainResult:
+def start_run(cfg, why_tokenizer: str):
+    """What every fine-tuning workflow does first: out_dir with the resolved config.yaml, the seeds, the device,
+    and cfg.model loaded (anything llmlab.load reads) in fp32 master weights (AdamW updates vanish in bf16;
+    autocast handles speed) with its tokenizer, which must exist (why_tokenizer says why)."""
     from llmlab.api import load
-    from llmlab.data import SFTLoader, encode_conversations, load_conversations
-    from llmlab.io import save_checkpoint
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(cfg, out / "config.yaml")
     seed_everything(cfg.seed)
-    progress = cfg.train.progress
-
     device = resolve_device(cfg.train.device, cfg.train.threads)
     model, tok = load(cfg.model, device=device)
     if tok is None:
-        raise ValueError(f"{cfg.model} has no tokenizer; SFT needs one to apply the chat template (save the model "
-                         "with its tokenizer)")
+        raise ValueError(f"{cfg.model} has no tokenizer; {why_tokenizer} (save the model with its tokenizer)")
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()
+    return out, device, model, tok
+
+
+def sft(cfg: SFTConfig) -> TrainResult:
+    from llmlab.data import SFTLoader, encode_conversations, load_conversations
+    from llmlab.io import save_checkpoint
+
+    out, device, model, tok = start_run(cfg, "SFT needs one to apply the chat template")
+    progress = cfg.train.progress
     if tok.chat_template is None and cfg.data.chat_template is None:
         raise ValueError(f"the tokenizer of {cfg.model} has no chat template; set data.chat_template (a built-in: "
                          "chatml, llama3; or Jinja text)")
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model = model.float()  # fp32 master weights: AdamW updates vanish in bf16; autocast handles speed
     data = cfg.data
     if data.max_len > model.cfg.max_seq_len or (data.pack and data.seq_len > model.cfg.max_seq_len):
         raise ValueError(f"data.max_len={data.max_len} (or data.seq_len={data.seq_len}) is above the model's "
@@ -239,13 +252,15 @@ class PeftSetup:
             except ValueError as e:
                 raise ValueError(f"peft.method=bitfit: {e}; in a recipe: peft.target_modules=[q, o, up, down]") \
                     from None
+        elif m == "adapter":
+            P.add_adapter(model, P.AdapterConfig(reduction_factor=cfg.reduction_factor, placement=cfg.placement))
         elif m in ("prompt", "ptuning", "prefix"):
             n = cfg.n_virtual_tokens
             if m == "prompt":
                 self.train_model = P.PromptTuning(model, n, init_text=cfg.init_text,
                                                   tokenizer=tokenizer if cfg.init_text else None, seed=seed)
             elif m == "ptuning":
-                self.train_model = P.PTuning(model, n, encoder=cfg.encoder)
+                self.train_model = P.PTuning(model, n, encoder=cfg.encoder, seed=seed)
             else:
                 self.train_model = P.PrefixTuning(model, n, projection=cfg.prefix_projection, seed=seed)
             self.wrapped = True
@@ -310,6 +325,8 @@ class PeftSetup:
             (path / "adalora_config.json").write_text(json.dumps(
                 {"peft_type": "ADALORA (llmlab names)", "base_model_name_or_path": base_model_name_or_path,
                  **self.model.adalora_config.to_dict(), "ranks": ranks}, indent=2, sort_keys=True) + "\n")
+        elif m == "adapter":
+            P.save_bottleneck_adapter(self.model, path)
         elif m == "bitfit":
             path.mkdir(parents=True, exist_ok=True)
             tensors = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
