@@ -37,6 +37,14 @@ from .state import (clean_temporaries, checkpoint_path, list_checkpoints, load_t
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 
 
+def precision_context(precision: str, device_type: str):
+    """The context a model runs in at a resolved precision ("bf16": autocast, "fp32": none). Workflows use it
+    for forward passes outside the trainer (DPO's reference log-probs) so they match the trainer's numerics."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stopped without saving."""
 
@@ -177,24 +185,29 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Validation loss (token-weighted mean over the validation batches), perplexity = e^loss and, when
         the bytes per token of the validation text are known, bits per byte:
-            bpb = loss_nats_per_token · tokens / (bytes · ln 2) = loss / (ln 2 · bytes_per_token)"""
+            bpb = loss_nats_per_token · tokens / (bytes · ln 2) = loss / (ln 2 · bytes_per_token)
+        Any other number the loss function reports (a reward model's accuracy, DPO's margins) is averaged with
+        the same weights and reported as val_<name>."""
         batches = self.val_batches[: self.config.eval_batches or None]
         if not batches:
             raise ValueError("no validation batches: pass val_batches to the Trainer")
         was_training = self.model.training
         self.model.eval()
-        total, weight = 0.0, 0.0
+        total, weight, extra = 0.0, 0.0, {}
         try:
             for batch in batches:
-                with self._autocast():
+                with self.autocast():
                     loss, metrics = self.loss_fn(self.forward_model, self._to_device(batch))
-                w = float(metrics.get("weight", 1))
+                w = float(metrics.pop("weight", 1))
                 total += float(loss) * w
                 weight += w
+                for name, v in metrics.items():
+                    extra[name] = extra.get(name, 0.0) + float(v) * w
         finally:
             self.model.train(was_training)
         loss = total / max(weight, 1e-12)
         out = {"val_loss": loss, "val_ppl": perplexity(loss)}
+        out.update({f"val_{name}": v / max(weight, 1e-12) for name, v in extra.items()})
         if self.val_bytes_per_token:
             out["val_bpb"] = loss / (math.log(2) * self.val_bytes_per_token)
         return out
@@ -219,7 +232,7 @@ class Trainer:
         k = cfg.grad_accum_steps
         for _ in range(k):
             batch = self._to_device(self._next_batch())
-            with self._autocast():
+            with self.autocast():
                 loss, metrics = self.loss_fn(self.forward_model, batch)
             w = float(metrics.pop("weight", 1))
             # k == 1: the plain mean's gradient; k > 1: Σ w_i ∇loss_i now, divided by Σ w_i below
@@ -291,7 +304,7 @@ class Trainer:
         tok = self.tokenizer
         ids = self.encode_prompt(prompt) if self.encode_prompt else tok.encode(prompt, add_special_tokens=False)
         stop = tuple(i for i in {tok.token_to_id(t) for t in (tok.eos_token, "<|im_end|>") if t} if i is not None)
-        with self._autocast():
+        with self.autocast():
             new = generate(self.model, ids, max_new_tokens=self.config.sample_tokens, top_k=self.config.sample_top_k,
                            stop_ids=stop, seed=seed)
         return tok.decode(new, skip_special_tokens=True)
@@ -356,10 +369,8 @@ class Trainer:
     def _dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+    def autocast(self):
+        return precision_context(self.precision, self.device.type)
 
     @staticmethod
     def _empty_acc() -> dict[str, Any]:
