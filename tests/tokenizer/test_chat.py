@@ -13,6 +13,7 @@ from llmlab.tokenizer.chat import (
     LLAMA3,
     assistant_token_mask,
     chatml,
+    content_spans,
     get_template,
     llama3,
     render_chat,
@@ -387,3 +388,26 @@ def test_template_errors_are_clear():
 def test_sandbox_stops_templates_reaching_internals(template):
     with pytest.raises(ValueError, match="sandbox forbids.*(unsafe|underscore)"):
         render_chat(template, PLAIN_CHAT)
+
+
+def test_content_spans_are_exact_where_a_search_would_be_fooled():
+    # the reply "a" also occurs in "assistant" (the header before it): the span must be the reply itself
+    chat = [{"role": "user", "content": "Say a letter."}, {"role": "assistant", "content": "a"}]
+    text = render_chat(CHATML, chat)
+    spans = content_spans(CHATML, chat, text)
+    assert [text[a:b] for a, b in spans] == ["Say a letter.", "a"]
+    assert text[:spans[1][0]].endswith("<|im_start|>assistant\n")
+    # a template that trims contents cannot be mapped back exactly: None, the caller searches instead
+    padded = [{"role": "user", "content": "  hi  "}]
+    assert content_spans(LLAMA3, padded, render_chat(LLAMA3, padded)) is None
+
+
+def test_a_one_letter_reply_keeps_the_prompt_a_token_prefix():
+    from llmlab.tokenizer import train
+
+    tok = train(["assistant says a word and a letter"] * 3, kind="bpe", vocab_size=300,
+                special_tokens=["<|im_start|>", "<|im_end|>"])
+    prompt = [{"role": "user", "content": "Say a letter."}]
+    head = tok.apply_chat_template(prompt, add_generation_prompt=True, chat_template="chatml")
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "a"}], chat_template="chatml")
+    assert full[:len(head)] == head and tok.decode(full[len(head):len(head) + 1]) == "a"

@@ -264,6 +264,39 @@ def render_chat_with_spans(template: str, messages: Sequence[Mapping[str, Any]],
     return text, _prefix_spans(template, text, *args)
 
 
+_CONTENT = "\uE000{}\uE001"  # private-use characters around a message number
+
+
+def content_spans(template: str, messages: Sequence[Mapping[str, Any]], text: str, *,
+                  add_generation_prompt: bool = False, tools: Sequence[Mapping] | None = None,
+                  documents: Sequence[Mapping] | None = None, **variables: Any) -> list[tuple[int, int]] | None:
+    """The [start, end) character spans of the messages' string contents in `text` (their rendering), found by
+    rendering once more with every content replaced by a numbered marker and checking that putting the
+    contents back gives `text` exactly. None when it does not (a template that trims or tests contents):
+    the caller then searches for them. A search alone can be fooled: the reply "a" is also in "assistant"."""
+    if any(_CONTENT[0] in str(m.get("content", "")) or _CONTENT[-1] in str(m.get("content", "")) for m in messages):
+        return None
+    marked = [dict(m, content=_CONTENT.format(j)) if isinstance(m.get("content"), str) and m["content"] else m
+              for j, m in enumerate(messages)]
+    try:
+        args = _prepare(marked, tools, documents, variables)
+        rendered = _render(template, args[0], add_generation_prompt, *args[1:])
+    except ValueError:
+        return None
+    parts = re.split(f"{_CONTENT[0]}(\\d+){_CONTENT[-1]}", rendered)
+    spans, rebuilt, pos = [], [], 0
+    for k, piece in enumerate(parts):
+        if k % 2:
+            j = int(piece)
+            if j >= len(messages) or not isinstance(messages[j].get("content"), str):
+                return None
+            piece = messages[j]["content"]
+            spans.append((pos, pos + len(piece)))
+        rebuilt.append(piece)
+        pos += len(piece)
+    return spans if "".join(rebuilt) == text else None
+
+
 def _split_markers(marked: str) -> tuple[str, list[tuple[int, int]]]:
     pieces, spans, start, pos = [], [], None, 0
     for piece in re.split(f"([{_OPEN}{_CLOSE}])", marked):

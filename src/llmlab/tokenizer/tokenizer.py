@@ -280,13 +280,17 @@ class Tokenizer:
             template, messages, add_generation_prompt=add_generation_prompt, tools=tools, **variables)
         if not tokenize:
             return text
-        ids, mask = self._encode_chat(text, messages, spans)
+        contents = chat_templates.content_spans(template, messages, text, add_generation_prompt=add_generation_prompt,
+                                                tools=tools, **variables)
+        ids, mask = self._encode_chat(text, messages, spans, contents)
         return {"input_ids": ids, "assistant_mask": mask} if return_assistant_mask else ids
 
-    def _encode_chat(self, text: str, messages: list[dict], spans: list[tuple[int, int]]):
-        # Find each message's content in the rendered text, in order: those regions are user data.
-        plain, pos = [], 0
-        for j, m in enumerate(messages):
+    def _encode_chat(self, text: str, messages: list[dict], spans: list[tuple[int, int]],
+                     contents: list[tuple[int, int]] | None = None):
+        # The messages' contents in the rendered text are user data (encoded with special-token parsing off):
+        # located exactly by chat.content_spans, or else searched for in order.
+        plain, pos = list(contents or []), 0
+        for j, m in enumerate(messages if contents is None else ()):
             content = m.get("content")
             if not isinstance(content, str) or not content:
                 continue
