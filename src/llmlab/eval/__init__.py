@@ -5,6 +5,10 @@
 - classification: confusion matrix, precision/recall/F1 with averages, accuracy, MCC, ROC and PR curves,
   ROC AUC and average precision (as scikit-learn), a classification report.
 - stats: paired bootstrap, McNemar's test, the two-proportion z-test and A/B sample sizes.
+- perplexity (import llmlab.eval.perplexity; it needs torch): perplexity and bits per byte with Hugging Face's
+  sliding-window protocol.
+- tasks and multiple_choice (import them by name): multiple-choice tasks (the BIG-bench files, JSONL, a subset
+  of lm-eval's YAML) scored exactly as lm-evaluation-harness scores them (acc, acc_norm, acc_bytes).
 
 Reference libraries (sacrebleu, rouge-score, scikit-learn, scipy) are test oracles only; nothing here
 imports them.
