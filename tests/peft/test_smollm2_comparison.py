@@ -51,6 +51,7 @@ def test_every_method_lowers_smollm2_validation_loss(setup):
     torch.set_num_threads(2)
     for method, (lr, extra) in METHODS.items():
         model = copy.deepcopy(base)
+        torch.manual_seed(0)  # each method's fresh modules (P-tuning's encoder, adapters) start the same everywhere
         peft = PeftSetup(model, SFTPeft(method=method, **extra), tok, max_steps=STEPS + 2, seed=0)
         m = peft.train_model
         assert 0 < peft.trainable < 0.05 * peft.total_base, method
