@@ -21,18 +21,15 @@ from __future__ import annotations
 import difflib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..train.recipe import save_recipe
-from ..train.state import seed_everything
 from ..train.supervised import SFTPeft
 from .grpo import IS_LEVELS, LOSS_TYPES, REWARD_SCALES, group_advantages, grpo_loss
-from .online import (OnlineLoop, OnlineResult, OnlineTrain, Policy, RolloutConfig, check_peft, evaluate, importance_kl,
-                     k3, logprobs, masked_mean, rollout_mask)
+from .online import (OnlineLoop, OnlineResult, OnlineTrain, Policy, RolloutConfig, check_peft, importance_kl, k3,
+                     logprobs, masked_mean, rollout_mask, start_online)
 from .rollout import Rollouts
-from .tasks import PromptData, PromptSampler, RewardConfig, Scorer, check_answers, columns, load_prompts
+from .tasks import PromptData, PromptSampler, RewardConfig, Scorer, columns
 
 
 def _grpo_train_defaults() -> OnlineTrain:
@@ -214,34 +211,20 @@ class _GRPOStep:
 
 
 def grpo(cfg: GRPOConfig) -> OnlineResult:
-    from ..train.config import resolve_device
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_recipe(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device, cfg.train.threads)
-    train, held = load_prompts(cfg.data, cfg.seed)
-    check_answers(cfg.reward, train + held, cfg.data.source)
-    policy = Policy(cfg.model, cfg.peft, device=device, steps=cfg.train.steps, seed=cfg.seed)
-    scorer = Scorer(cfg.reward, policy.tokenizer, device)
-    sampler = PromptSampler(len(train), cfg.seed)
-    loop = OnlineLoop(cfg.train, out, policy, name="GRPO", state={"prompts": sampler})
-    step = _GRPOStep(cfg, loop, policy, train, scorer, sampler)
+    run = start_online(cfg)
+    train, held, policy = run.train, run.held, run.policy
+    loop = OnlineLoop(cfg.train, run.out, policy, name="GRPO", state={"prompts": run.sampler})
+    step = _GRPOStep(cfg, loop, policy, train, run.scorer, run.sampler)
     if cfg.train.progress:
         from ..train.pretraining import trainer_note
 
         trainer_note(f"GRPO of {cfg.model}: {len(train):,} training prompts, {len(held):,} held out; "
                      f"{cfg.train.prompts_per_step} prompts × {cfg.group_size} completions a step; "
-                     f"loss {cfg.loss_type}, beta {cfg.beta}; rewards {', '.join(cfg.reward.functions)}; out_dir {out}")
+                     f"loss {cfg.loss_type}, beta {cfg.beta}; rewards {', '.join(cfg.reward.functions)}; "
+                     f"out_dir {run.out}")
         if cfg.peft.method != "none":
             trainer_note(policy.peft.describe())
-
-    def evaluate_fn() -> dict:
-        return evaluate(policy, held, cfg.rollout, scorer, extract=cfg.reward.extract,
-                        chat_template=cfg.data.chat_template, seed=cfg.seed)
-
-    return loop.run(step, evaluate_fn if held else None, step.verify)
+    return loop.run(step, run.evaluator(cfg), step.verify)
 
 
 __all__ = ["GRPOConfig", "grpo"]

@@ -43,12 +43,13 @@ from torch import nn
 
 from ..train.metrics import MetricsLog, Progress, read_metrics, resolve_precision
 from ..train.optim import SCHEDULES, Schedule, build_optimizer
+from ..train.recipe import save_recipe
 from ..train.state import (checkpoint_path, clean_temporaries, list_checkpoints, load_training_checkpoint,
                            prune_checkpoints, save_training_checkpoint, unique_state_dict)
 from ..train.trainer import TrainingDiverged, precision_context
 from .logprobs import target_mask, token_logprobs
 from .reward import EXTRACTORS, answers_match
-from .tasks import Scorer, columns
+from .tasks import PromptSampler, Scorer, check_answers, columns, load_prompts
 
 ONLINE_PEFT = ("none", "lora", "dora")
 
@@ -274,6 +275,43 @@ class _Bar(Progress):
             kl = f"  kl {record['kl']:.4f}" if "kl" in record else ""
             kw["stats"] = f"reward {record['reward']:.3f}{kl}  {record['tokens_per_s']:,.0f} tok/s"
         self._bar.update(self._task, **kw)
+
+
+@dataclass
+class OnlineStart:
+    """What PPO and GRPO set up the same way before their own parts (see start_online)."""
+
+    out: Path
+    train: list[dict]  # training prompts (with answers when the task has them)
+    held: list[dict]  # held-out prompts, never trained on
+    policy: Policy
+    scorer: Scorer
+    sampler: PromptSampler  # resumable: rides in the checkpoint
+
+    def evaluator(self, cfg) -> Callable[[], dict] | None:
+        """Held-out evaluation for OnlineLoop.run (None without held-out prompts)."""
+        if not self.held:
+            return None
+        return lambda: evaluate(self.policy, self.held, cfg.rollout, self.scorer, extract=cfg.reward.extract,
+                                chat_template=cfg.data.chat_template, seed=cfg.seed)
+
+
+def start_online(cfg) -> OnlineStart:
+    """out_dir with the resolved config.yaml, the seeds, the device, the prompts (split, answers checked against
+    the reward functions), the policy with its PEFT adapter and reference, the reward scorer, the prompt sampler."""
+    from ..train.config import resolve_device
+    from ..train.state import seed_everything
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device, cfg.train.threads)
+    train, held = load_prompts(cfg.data, cfg.seed)
+    check_answers(cfg.reward, train + held, cfg.data.source)
+    policy = Policy(cfg.model, cfg.peft, device=device, steps=cfg.train.steps, seed=cfg.seed)
+    return OnlineStart(out, train, held, policy, Scorer(cfg.reward, policy.tokenizer, device),
+                       PromptSampler(len(train), cfg.seed))
 
 
 @dataclass

@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..train.recipe import save_recipe
-from ..train.state import seed_everything
 from ..train.supervised import SFTPeft, plain_model
-from .online import (OnlineLoop, OnlineResult, OnlineTrain, Policy, RolloutConfig, check_peft, evaluate, importance_kl,
-                     k3, logprobs, masked_mean, rollout_mask)
+from .online import (OnlineLoop, OnlineResult, OnlineTrain, Policy, RolloutConfig, check_peft, importance_kl, k3,
+                     logprobs, masked_mean, rollout_mask, start_online)
 from .ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, ValueHead, gae, kl_penalized_rewards,
                   masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from .rollout import Rollouts
-from .tasks import PromptData, PromptSampler, RewardConfig, Scorer, check_answers, columns, load_prompts
+from .tasks import PromptData, PromptSampler, RewardConfig, Scorer, columns
 
 
 def _ppo_train_defaults() -> OnlineTrain:
@@ -242,25 +239,16 @@ def ppo(cfg: PPOConfig) -> OnlineResult:
     from safetensors.torch import save_file
 
     from ..io import save_checkpoint
-    from ..train.config import resolve_device
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_recipe(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device, cfg.train.threads)
-    train, held = load_prompts(cfg.data, cfg.seed)
-    check_answers(cfg.reward, train + held, cfg.data.source)
-    policy = Policy(cfg.model, cfg.peft, device=device, steps=cfg.train.steps, seed=cfg.seed)
-    scorer = Scorer(cfg.reward, policy.tokenizer, device)
+    run = start_online(cfg)
+    train, held, policy, out = run.train, run.held, run.policy, run.out
     body = plain_model(policy.model).train(False) if cfg.value_model == "separate" else None  # the starting weights
     critic = _Critic(policy.model.cfg.dim, body).to(policy.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else \
         FixedKLController(cfg.kl_coef)
-    sampler = PromptSampler(len(train), cfg.seed)
     loop = OnlineLoop(cfg.train, out, policy, name="PPO", modules={"critic": critic},
-                      state={"prompts": sampler, "kl_coef": _KLState(kl_ctl)})
-    step = _PPOStep(cfg, loop, policy, train, scorer, critic, sampler, kl_ctl)
+                      state={"prompts": run.sampler, "kl_coef": _KLState(kl_ctl)})
+    step = _PPOStep(cfg, loop, policy, train, run.scorer, critic, run.sampler, kl_ctl)
     if cfg.train.progress:
         from ..train.pretraining import trainer_note
 
@@ -270,12 +258,7 @@ def ppo(cfg: PPOConfig) -> OnlineResult:
                      f"{', '.join(cfg.reward.functions)}; out_dir {out}")
         if cfg.peft.method != "none":
             trainer_note(policy.peft.describe())
-
-    def evaluate_fn() -> dict:
-        return evaluate(policy, held, cfg.rollout, scorer, extract=cfg.reward.extract,
-                        chat_template=cfg.data.chat_template, seed=cfg.seed)
-
-    result = loop.run(step, evaluate_fn if held else None, step.verify)
+    result = loop.run(step, run.evaluator(cfg), step.verify)
     save_file({k: v.detach().contiguous().cpu() for k, v in critic.head.state_dict().items()},
               str(out / "value_head.safetensors"))
     if critic.body is not None:
