@@ -39,3 +39,16 @@ def make_base(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.preset("nano", vocab_size=tok.vocab_size, max_seq_len=128))
     return save_checkpoint(model, root / "base", tokenizer=tok)
+
+
+def completion_sft_step(model, opt, rows) -> None:
+    """One AdamW step of completion-only NLL (mean per completion token) on rows of (prompt ids, completion
+    ids): the quick SFT the online-RL tests start from."""
+    from llmlab.align.logprobs import token_logprobs
+    from llmlab.align.pairs import completion_rows
+
+    b = completion_rows([p + c for p, c in rows], [len(p) for p, _ in rows], pad_id=0)
+    lp = token_logprobs(model.train(), b["input_ids"], b["attention_mask"], completion_mask=b["completion_mask"])
+    (-lp.sum() / b["completion_mask"][:, 1:].sum()).backward()
+    opt.step()
+    opt.zero_grad()

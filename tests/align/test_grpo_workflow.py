@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from align_helpers import make_base  # noqa: E402
+from align_helpers import completion_sft_step, make_base  # noqa: E402
 
 from llmlab.align import grpo_train  # noqa: E402
 from llmlab.align.grpo_train import GRPOConfig, grpo  # noqa: E402
@@ -170,7 +170,6 @@ def make_arithmetic_base(root: Path, train_items: list[dict], *, target: float =
     """A small model taught "a+b=" -> "c" by a quick SFT, stopped once its greedy accuracy on 100 training
     prompts reaches `target`: partly right, so GRPO has both right and wrong samples to compare. No chat
     template: prompts of 5 tokens keep each step cheap."""
-    from llmlab.align.logprobs import token_logprobs
     from llmlab.align.reward import answers_match
     from llmlab.align.rollout import Rollouts
     from llmlab.infer import LLM, SamplingParams
@@ -197,17 +196,7 @@ def make_arithmetic_base(root: Path, train_items: list[dict], *, target: float =
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = random.Random(seed)
     for step in range(1, 1001):
-        batch = rng.sample(rows, 64)
-        T = max(len(p) + len(c) for p, c in batch)
-        ids, attn, comp = (torch.zeros(64, T, dtype=torch.long) for _ in range(3))
-        for i, (p, c) in enumerate(batch):
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            attn[i, :len(p) + len(c)] = 1
-            comp[i, len(p):len(p) + len(c)] = 1
-        lp = token_logprobs(model.train(), ids, attn, completion_mask=comp)
-        (-lp.sum() / comp[:, 1:].sum()).backward()
-        opt.step()
-        opt.zero_grad()
+        completion_sft_step(model, opt, rng.sample(rows, 64))
         if step % 10 == 0 and accuracy() >= target:
             break
     return save_checkpoint(model.eval(), root / "sft", tokenizer=tok)

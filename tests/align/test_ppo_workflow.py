@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from align_helpers import COLOURS, NUMBERS, make_base, toy_pairs  # noqa: E402
+from align_helpers import COLOURS, NUMBERS, completion_sft_step, make_base, toy_pairs  # noqa: E402
 
 from llmlab.align import ppo_train  # noqa: E402
 from llmlab.align.ppo_train import PPOConfig, ppo  # noqa: E402
@@ -182,7 +182,6 @@ def test_recipes_load_and_the_nano_one_runs(setup, tmp_path):
 def sft_toy_replies(base: Path, root: Path, steps: int = 150, seed: int = 0) -> Path:
     """The nano base taught to answer the toy prompts with "It is <colour>." or "It is <number>." (half each):
     a policy whose samples the colour-vs-number reward can tell apart, starting near reward 0."""
-    from llmlab.align.logprobs import token_logprobs
     from llmlab.align.rollout import Rollouts
     from llmlab.io import save_checkpoint
 
@@ -195,17 +194,7 @@ def sft_toy_replies(base: Path, root: Path, steps: int = 150, seed: int = 0) -> 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for _ in range(steps):
-        batch = rng.sample(rows, 32)
-        T = max(len(p) + len(c) for p, c in batch)
-        ids, attn, comp = (torch.zeros(32, T, dtype=torch.long) for _ in range(3))
-        for i, (p, c) in enumerate(batch):
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            attn[i, :len(p) + len(c)] = 1
-            comp[i, len(p):len(p) + len(c)] = 1
-        lp = token_logprobs(model.train(), ids, attn, completion_mask=comp)
-        (-lp.sum() / comp[:, 1:].sum()).backward()
-        opt.step()
-        opt.zero_grad()
+        completion_sft_step(model, opt, rng.sample(rows, 32))
     return save_checkpoint(model.eval(), root / "sft", tokenizer=tok)
 
 

@@ -92,7 +92,9 @@ def prepare(data: PreferenceData, tokenizer, seed: int, *, unpaired: bool = Fals
     return encode_pairs(train, tokenizer, **encode), encode_pairs(val, tokenizer, **encode) if val else []
 
 
-def _rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+def completion_rows(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows [prompt | completion | pad]: input_ids, attention_mask, completion_mask (1 from each
+    row's prompt length to its end)."""
     T = max(map(len, seqs))
     ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), T), dtype=np.int64)
@@ -109,12 +111,12 @@ def collate(examples: Sequence[dict], indices: Sequence[int], pad_id: int) -> di
         seqs = [e["prompt_ids"] + e["chosen_ids"] for e in examples] + \
                [e["prompt_ids"] + e["rejected_ids"] for e in examples]
         lens = [len(e["prompt_ids"]) for e in examples] * 2
-        batch = _rows(seqs, lens, pad_id)
+        batch = completion_rows(seqs, lens, pad_id)
     else:
         seqs = [e["prompt_ids"] + e["completion_ids"] for e in examples]
         if "kl_completion_ids" in examples[0]:  # KTO's mismatched rows: B more, after the real ones
             seqs += [e["prompt_ids"] + e["kl_completion_ids"] for e in examples]
-        batch = _rows(seqs, [len(e["prompt_ids"]) for e in examples] * (len(seqs) // len(examples)), pad_id)
+        batch = completion_rows(seqs, [len(e["prompt_ids"]) for e in examples] * (len(seqs) // len(examples)), pad_id)
         batch["label"] = torch.tensor([int(e["label"]) for e in examples])
     batch["index"] = torch.tensor(list(indices), dtype=torch.long)
     for key in examples[0]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..infer import LLM, SamplingParams
-from .pairs import _rows, pad_id_of
+from .pairs import completion_rows, pad_id_of
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Rollouts:
                 reasons.append(c.finish_reason)
                 group.append(i)
                 which.append(prompts[i])
-        t = _rows([p + c for p, c in zip(rows_prompt, rows_completion)], [len(p) for p in rows_prompt], self.pad_id)
+        t = completion_rows([p + c for p, c in zip(rows_prompt, rows_completion)], [len(p) for p in rows_prompt], self.pad_id)
         device = next(self.policy.parameters()).device
         return RolloutBatch(which, rows_prompt, rows_completion, texts, reasons, torch.tensor(group),
                             t["input_ids"], t["attention_mask"], t["completion_mask"]).to(device)
