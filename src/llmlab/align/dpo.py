@@ -39,7 +39,7 @@ from ..train.pretraining import trainer_note
 from ..train.supervised import PeftSetup, SFTPeft, plain_model, start_run
 from ..train.metrics import resolve_precision
 from ..train.trainer import Trainer, TrainResult, precision_context
-from .logprobs import target_mask, token_logprobs
+from .logprobs import eval_mode, target_mask, token_logprobs
 from .losses import dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from .pairs import PairLoader, PreferenceData, collate, pad_id_of, prepare
 
@@ -180,19 +180,17 @@ def _fingerprint(examples: list[dict], cfg: DPOConfig) -> str:
 def attach_reference(model, examples: list[dict], pad_id: int, *, batch_size: int, precision=None) -> None:
     """Each encoded item gets ref_logps (summed completion log-probs under `model`; chosen then rejected, or the
     completion then the KL completion) as a list, in place."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    for i in range(0, len(examples), batch_size):
-        part = examples[i:i + batch_size]
-        b = collate(part, range(len(part)), pad_id)
-        b = {k: v.to(device) for k, v in b.items()}
-        with precision() if precision else contextlib.nullcontext():
-            sums = completion_logps(model, b)[0].float().cpu()
-        rows = sums.view(-1, len(part))  # [2, B]: chosen/completion row, rejected/KL row
-        for j, e in enumerate(part):
-            e["ref_logps"] = rows[:, j].tolist()
-    model.train(was)
+    with eval_mode(model):
+        device = next(model.parameters()).device
+        for i in range(0, len(examples), batch_size):
+            part = examples[i:i + batch_size]
+            b = collate(part, range(len(part)), pad_id)
+            b = {k: v.to(device) for k, v in b.items()}
+            with precision() if precision else contextlib.nullcontext():
+                sums = completion_logps(model, b)[0].float().cpu()
+            rows = sums.view(-1, len(part))  # [2, B]: chosen/completion row, rejected/KL row
+            for j, e in enumerate(part):
+                e["ref_logps"] = rows[:, j].tolist()
 
 
 def _kto_mismatch(examples: list[dict], seed: int) -> None:

@@ -23,7 +23,8 @@ positions from the mask).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,17 @@ REDUCTIONS = ("sum", "mean", "none")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout) for scoring, put back in the mode it was in afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _find_lm(model: nn.Module):
     """(head, cfg) of the causal LM inside model (through wrappers' .model / .base_model), or (None, cfg)."""
     m, cfg = model, None

@@ -26,6 +26,7 @@ from ..train.config import TrainConfig
 from ..train.pretraining import trainer_note
 from ..train.supervised import PeftSetup, SFTPeft, plain_model, start_run
 from ..train.trainer import Trainer, TrainResult
+from .logprobs import eval_mode
 from .pairs import PairLoader, PreferenceData, collate, pad_id_of, prepare
 from .reward import RewardModel, bradley_terry_loss
 
@@ -80,16 +81,14 @@ def bt_loss_fn(margin: float, center_coef: float):
 @torch.no_grad()
 def score_pairs(reward_model: RewardModel, encoded: list[dict], pad_id: int, *, batch_size: int = 8):
     """(chosen scores, rejected scores) [N] of encoded pairs (prompt_ids, chosen_ids, rejected_ids)."""
-    was = reward_model.training
-    reward_model.eval()
     device = next(reward_model.parameters()).device
     chosen, rejected = [], []
-    for i in range(0, len(encoded), batch_size):
-        b = collate(encoded[i:i + batch_size], range(i, i + len(encoded[i:i + batch_size])), pad_id)
-        s = reward_model(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
-        chosen.append(s[:len(s) // 2])
-        rejected.append(s[len(s) // 2:])
-    reward_model.train(was)
+    with eval_mode(reward_model):
+        for i in range(0, len(encoded), batch_size):
+            b = collate(encoded[i:i + batch_size], range(i, i + len(encoded[i:i + batch_size])), pad_id)
+            s = reward_model(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
+            chosen.append(s[:len(s) // 2])
+            rejected.append(s[len(s) // 2:])
     return torch.cat(chosen), torch.cat(rejected)
 
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..align.logprobs import sequence_logprobs
+from ..align.logprobs import eval_mode, sequence_logprobs
 from ..progress import Bar
 from .tasks import MultipleChoiceTask, load_task
 
@@ -77,16 +76,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 8,
                    max_length: int | None = None, progress: bool = True) -> list[float]:
@@ -109,7 +98,7 @@ def loglikelihoods(model: nn.Module, tokenizer, requests: Sequence[tuple[str, st
         conts.append(cont)
     order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(conts[i])))
     out = [0.0] * len(prompts)
-    with _eval_mode(model), Bar(len(order), "loglikelihood", enabled=progress) as bar:
+    with eval_mode(model), Bar(len(order), "loglikelihood", enabled=progress) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             r = sequence_logprobs(model, [prompts[i] for i in idx], [conts[i] for i in idx], pad_id=0)

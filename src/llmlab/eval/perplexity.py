@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ..align.logprobs import token_logprobs
+from ..align.logprobs import eval_mode, token_logprobs
 from ..progress import Bar
 
 
@@ -103,16 +102,6 @@ def _max_length(model: nn.Module, max_length: int | None) -> int:
     return max_length
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def sequence_nll(model: nn.Module, ids: Sequence[int], *, max_length: int | None = None, stride: int | None = None,
                  batch_size: int = 8, progress: bool = True) -> tuple[float, int, int]:
@@ -127,7 +116,7 @@ def sequence_nll(model: nn.Module, ids: Sequence[int], *, max_length: int | None
     windows = [w for w in sliding_windows(len(ids), max_length, stride) if w.n_scored > 0]
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    with _eval_mode(model), Bar(len(windows), "perplexity", enabled=progress) as bar:
+    with eval_mode(model), Bar(len(windows), "perplexity", enabled=progress) as bar:
         for s in range(0, len(windows), batch_size):
             group = windows[s:s + batch_size]
             width = max(w.end - w.begin for w in group)
