@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..io.checkpoint import build_model, load_checkpoint, save_checkpoint
 from ..model import ModelConfig, Transformer
+from .losses import PreferenceLossOutput
 
 RewardFn = Callable[..., list[float]]
 
@@ -96,14 +97,8 @@ class RewardModel(nn.Module):
 
 
 @dataclass
-class RewardLossOutput:
-    losses: Tensor  # [B]; the training loss is losses.mean()
-    chosen_rewards: Tensor  # [B], detached
-    rejected_rewards: Tensor  # [B], detached
-
-    @property
-    def loss(self) -> Tensor:
-        return self.losses.mean()
+class RewardLossOutput(PreferenceLossOutput):
+    """Per-pair losses and the (detached) scores of the chosen and rejected replies."""
 
     def metrics(self) -> dict[str, float]:
         """Batch statistics under the names TRL's RewardTrainer logs (accuracy counts strict wins)."""
