@@ -23,8 +23,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # ------------------------------------------------------------------------------------------------ shared flags
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="named asset, .gguf, Hugging Face or llmlab directory")
+def add_model_args(p: argparse.ArgumentParser, *, src_optional: bool = False) -> None:
+    p.add_argument("src", nargs="?" if src_optional else None, help="named asset, .gguf, Hugging Face or llmlab directory")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: as stored)")
     p.add_argument("--chat-template", metavar="NAME_OR_JINJA",

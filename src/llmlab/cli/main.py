@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import align, chat, convert, generate, model, peft, serve, tokenizer, train
+from . import align, chat, convert, eval, generate, model, peft, serve, speedrun, tokenizer, train
 
-GROUPS = [model, tokenizer, convert, train, peft, align, generate, chat, serve]
+GROUPS = [model, tokenizer, convert, train, peft, align, generate, chat, serve, speedrun, eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

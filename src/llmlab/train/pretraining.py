@@ -74,7 +74,7 @@ class PretrainConfig:
 
 
 def pretrain(cfg: PretrainConfig) -> TrainResult:
-    from llmlab.data import PackedLoader, read_documents, split_documents, tokenize_to_shards
+    from llmlab.data import PackedLoader, tokenize_to_shards
     from llmlab.io import save_checkpoint
 
     _check_model(cfg)  # before any data work: a wrong size should fail in a second, not after tokenizing
@@ -84,12 +84,8 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     seed_everything(cfg.seed)
     progress = cfg.train.progress
 
-    docs = read_documents(list(cfg.data.sources), text_key=cfg.data.text_key)
-    if cfg.data.max_documents and len(docs) > cfg.data.max_documents:
-        keep = sorted(random.Random(cfg.seed).sample(range(len(docs)), cfg.data.max_documents))
-        docs = [docs[i] for i in keep]
-    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.seed)
-    tokenizer = _tokenizer(cfg, train_docs, out)
+    train_docs, val_docs = split_corpus(cfg)
+    tokenizer = prepare_tokenizer(cfg, train_docs, out)
 
     train_shards = tokenize_to_shards(train_docs, tokenizer, out / "data" / "train", progress=progress)
     model_cfg = build_model_config(cfg, len(tokenizer))
@@ -132,7 +128,20 @@ def build_model_config(cfg: PretrainConfig, n_tokens: int) -> ModelConfig:
     return ModelConfig.preset(cfg.preset, **{**cfg.model, "vocab_size": vocab})
 
 
-def _tokenizer(cfg: PretrainConfig, train_docs: list[str], out: Path):
+def split_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str]]:
+    """(training, validation) documents: the sources read, the seeded subset of max_documents, the seeded split."""
+    from llmlab.data import read_documents, split_documents
+
+    docs = read_documents(list(cfg.data.sources), text_key=cfg.data.text_key)
+    if cfg.data.max_documents and len(docs) > cfg.data.max_documents:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(docs)), cfg.data.max_documents))
+        docs = [docs[i] for i in keep]
+    return split_documents(docs, cfg.data.val_fraction, cfg.seed)
+
+
+def prepare_tokenizer(cfg: PretrainConfig, train_docs: list[str], out: Path):
+    """The tokenizer of a run: cfg.tokenizer.path, else the one out/tokenizer holds, else one trained on
+    train_docs and saved there."""
     from llmlab import tokenizer as tokenizers
 
     spec = cfg.tokenizer
