@@ -30,7 +30,7 @@ SETTINGS = {
     "full": (3e-5, []),
     "lora": (1e-3, ["peft.r=8", "peft.alpha=16"]),
     "dora": (1e-3, ["peft.r=8", "peft.alpha=16"]),
-    "adalora": (1e-3, ["peft.r=8", "peft.init_r=12", "peft.alpha=16"]),
+    "adalora": (1e-2, ["peft.r=8", "peft.init_r=12", "peft.alpha=16"]),
     "ia3": (1e-2, []),
     "bitfit": (1e-3, ["peft.target_modules=[q, o, up, down]"]),
     "adapter": (1e-3, ["peft.reduction_factor=16"]),
