@@ -38,7 +38,7 @@ def nano_run(tmp_path_factory):
 def test_nano_speedrun_trains_evaluates_and_reports(nano_run):
     run_dir, stdout = nano_run
     report = json.loads((run_dir / "report.json").read_text())
-    assert list(report["stages"]) == ["data", "tokenizer", "pretrain", "sft", "dpo"]
+    assert list(report["stages"]) == ["data", "tokenizer", "pretrain", "sft", "dpo", "evaluate"]
     rows = {r["model"]: r for r in report["eval"]}
     assert list(rows) == ["untrained", "pretrained", "SFT", "DPO (LoRA)"]
     # pretraining: held-out bits per byte fall clearly below the untrained model's, in both languages

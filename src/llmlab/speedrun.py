@@ -69,7 +69,9 @@ SIZES = {
     "small": Size(16384, 10_000_000, 0, 512, 16, 1e-3, 65536, 400, 256, 0, 100, 0, 100_000, 200),
     "base": Size(32768, 30_000_000, 0, 1024, 16, 6e-4, 131072, 800, 512, 0, 200, 0, 200_000, 500),
 }
-BASE_STEPS = {"sft": 30, "dpo": 20, "max_len": 128, "batch": 4}  # fine-tuning a real model, per 15 minutes
+# fine-tuning a real model: steps per 15 minutes; held-out prose per language (a 49k vocabulary spends ~2 tokens
+# per Chinese character, so this is ~4 times the micro model's work per character)
+BASE_STEPS = {"sft": 30, "dpo": 20, "max_len": 128, "batch": 4, "eval_chars": 8000}
 
 
 @dataclass
@@ -272,7 +274,7 @@ def _split_data(run: Run) -> dict:
                 val_docs += split_documents(read_documents([source]), 0.02, cfg.seed)[1]
             except ValueError as e:  # a corpus that is not installed: evaluate on the others
                 run.console.print(f"[yellow]held-out prose: {e}")
-    limit_chars = SIZES["micro" if cfg.base else cfg.size].eval_chars
+    limit_chars = BASE_STEPS["eval_chars"] if cfg.base else SIZES[cfg.size].eval_chars
     for lang in ("en", "zh"):
         docs = [d for d in val_docs if _is_chinese(d) == (lang == "zh")]
         text = "\n\n".join(docs)[:limit_chars]
@@ -305,8 +307,8 @@ def _tokenizer_stage(run: Run) -> dict:
 
 
 def seconds_per_step(model_cfg, batch: int, seq_len: int, device, steps: int = 3) -> float:
-    """Median wall time of a training step (forward, backward, AdamW) of a fresh model at this shape, after one
-    warm-up step: what the pretraining budget is divided by."""
+    """Median wall time of a training step (forward, backward, AdamW) of a fresh model at this shape, after two
+    warm-up steps (the allocator's and AdamW's first-step costs): what the pretraining budget is divided by."""
     from llmlab.model import Transformer
     from llmlab.train.metrics import resolve_precision
     from llmlab.train.trainer import precision_context
@@ -317,7 +319,7 @@ def seconds_per_step(model_cfg, batch: int, seq_len: int, device, steps: int = 3
     x = torch.randint(0, model_cfg.vocab_size, (batch, seq_len), device=device)
     precision = resolve_precision("auto", device.type)
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps + 2):
         t = time.perf_counter()
         with precision_context(precision, device.type):
             loss = model(x, labels=x).loss
@@ -327,7 +329,7 @@ def seconds_per_step(model_cfg, batch: int, seq_len: int, device, steps: int = 3
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    return statistics.median(times[2:])
 
 
 def _pretrain_stage(run: Run, device) -> dict:
@@ -403,7 +405,7 @@ def _dpo_stage(run: Run) -> dict:
     dpo_cfg = DPOConfig(
         out_dir=str(run.dir / "dpo"), seed=cfg.seed, model=str(run.dir / "sft" / "final"), loss="dpo", beta=0.1,
         data=PreferenceData(sources=[str(run.dir / "data" / "pairs_train.jsonl")],
-                            max_pairs=0 if base else s.dpo_pairs, val_fraction=0.1,
+                            max_pairs=steps * BASE_STEPS["batch"] * 2 if base else s.dpo_pairs, val_fraction=0.1,
                             max_len=BASE_STEPS["max_len"] if base else s.sft_max_len,
                             batch_size=BASE_STEPS["batch"] if base else 8),
         peft=SFTPeft(method="lora", r=8, alpha=16),
@@ -434,8 +436,12 @@ def _evaluate_stage(run: Run, device) -> dict:
     from llmlab.model import Transformer
     from llmlab.train.state import seed_everything
 
+    from llmlab.progress import Bar
+
     rows, samples = [], []
-    for label, path in _models(run):
+    models = _models(run)
+    bar = Bar(len(models), "evaluating every model", run.cfg.progress)
+    for label, path in models:
         run.console.print(f"evaluating {label}")
         if path is None:
             model, tok = load(str(run.dir / "pretrain" / "final"), device=device)
@@ -445,10 +451,12 @@ def _evaluate_stage(run: Run, device) -> dict:
             model, tok = load(path, device=device)
         model = model.float().eval()
         rows.append({"model": label, **evaluate_model(run, model, tok)})
-        last = label == _models(run)[-1][0]
+        last = label == models[-1][0]
         if label in ("pretrained", "base") or last:
             samples += _samples(model, tok, label, chat=last or label == "base")
         del model
+        bar.update()
+    bar.close()
     return {"rows": rows, "samples": samples}
 
 
@@ -579,7 +587,7 @@ def _write_report(run: Run) -> Path:
         "config": asdict(run.cfg), "plan": run.plan,
         "environment": environment(resolve_device(run.cfg.device, run.cfg.threads)),
         "model": _model_card(run), "tokenizer": run.stages.get("tokenizer"),
-        "stages": {k: v for k, v in run.stages.items() if k != "evaluate"},
+        "stages": {k: {"seconds": v["seconds"]} if k == "evaluate" else v for k, v in run.stages.items()},
         "eval": run.stages["evaluate"]["rows"], "samples": run.stages["evaluate"]["samples"],
         "images": {"loss": plot.name} if plot else {},
         "final_model": str(run.dir / "dpo" / "final"),
