@@ -51,22 +51,17 @@ def _text(args: argparse.Namespace) -> str:
 
 def _generation_items(path: str) -> list[tuple[str, list[str], str]]:
     """(prompt, references, "file:line") per non-blank line of a JSONL file; a bad line is an error naming file:line."""
+    from ..eval.tasks import read_jsonl
+
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            refs = row.get("reference", row.get("answers")) if isinstance(row, dict) else None
-            refs = [refs] if isinstance(refs, str) else refs
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not refs \
-                    or not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-                raise ValueError(f'{path}:{n}: expected an object with a string "prompt" and a "reference" (or '
-                                 f'"answers"): a string or a non-empty list of strings; got {line.strip()[:80]!r}')
-            items.append((row["prompt"], refs, f"{path}:{n}"))
+    for row, where in zip(*read_jsonl(Path(path))):
+        refs = row.get("reference", row.get("answers"))
+        refs = [refs] if isinstance(refs, str) else refs
+        if not isinstance(row.get("prompt"), str) or not refs or not isinstance(refs, list) \
+                or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f'{where}: expected an object with a string "prompt" and a "reference" (or "answers"): '
+                             f"a string or a non-empty list of strings; got {json.dumps(row)[:80]}")
+        items.append((row["prompt"], refs, where))
     if not items:
         raise ValueError(f"{path}: no items (one JSON object per line)")
     return items
