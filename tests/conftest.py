@@ -2,8 +2,42 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # The test models are tiny: a second intra-op thread only adds synchronization (and contention on a
 # shared 2-core machine). Tests that run real models raise it themselves.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """(tokenizer, model) as transformers reads SmolLM2-135M-Instruct's GGUF file (fp32, eval mode): the
+    reference of the real-model parity tests. Reading the file this way takes most of a minute, so the test
+    modules share one copy.
+
+    `from_pretrained(gguf_file=...)` insists on accelerate; without it we call the function it calls
+    for llama files (`load_gguf_checkpoint`) on a model built from the config transformers reads."""
+    transformers = pytest.importorskip("transformers")
+    import importlib.util
+
+    from llmlab.io.assets import AssetNotFoundError, asset_path
+
+    try:
+        path = asset_path("smollm2-135m-instruct")
+    except AssetNotFoundError as e:
+        pytest.skip(str(e))
+    folder, name = str(path.parent), path.name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if importlib.util.find_spec("accelerate"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+    else:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
+        model = transformers.LlamaForCausalLM(config)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        assert set(missing) <= {"lm_head.weight"} and not unexpected
+        model.tie_weights()
+    return tokenizer, model.eval()

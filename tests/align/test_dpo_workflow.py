@@ -45,10 +45,35 @@ def test_dpo_with_lora_learns_held_out_preferences(setup, tmp_path):
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report == result.eval
     assert report["after"]["rewards"]["accuracy"] > 0.9
+    # before training the policy is its own (cached) reference: every implicit reward is exactly 0, and the
+    # policy's log-probs are read from the cache, so they must equal a fresh pass over the untrained model
+    n = report["before"]["rewards"]["n"]
+    assert report["before"]["rewards"] == {"accuracy": 0.5, "margin": 0.0, "n": n, "ties": n}
+    fresh = _untrained_logps_accuracy(setup)
+    assert report["before"]["logps"]["accuracy"] == fresh.accuracy
+    assert report["before"]["logps"]["margin"] == pytest.approx(fresh.margin, abs=1e-5)
     assert report["after"]["logps"]["accuracy"] > report["before"]["logps"]["accuracy"]
     assert report["after"]["logps"]["margin"] > report["before"]["logps"]["margin"]
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "reference.json").is_file()
+
+
+def _untrained_logps_accuracy(setup):
+    """The held-out pairs' preference by mean completion log-prob under the base model, computed directly."""
+    import torch
+
+    from llmlab.align.dpo import completion_logps
+    from llmlab.align.pairs import collate, pad_id_of, prepare
+    from llmlab.api import load
+    from llmlab.data.preference import preference_accuracy
+
+    cfg = config(setup, "unused")
+    model, tok = load(cfg.model)
+    _, val = prepare(cfg.data, tok, cfg.seed)
+    with torch.no_grad():
+        sums, n = completion_logps(model.eval(), collate(val, range(len(val)), pad_id_of(tok)))
+    avg = sums / n
+    return preference_accuracy(avg[:len(val)], avg[len(val):])
 
 
 def test_cached_and_adapter_disabled_references_train_alike(setup, tmp_path):

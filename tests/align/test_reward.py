@@ -5,6 +5,7 @@ errors, and a 30-step training run that learns a separable preference."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -202,19 +203,41 @@ def test_training_learns_a_separable_preference():
 # --- model-based reward functions ------------------------------------------------------------------------------
 
 
+def test_encoder_reward_model_reads_cls_and_keeps_the_start_of_long_texts(tok):
+    enc = ModelConfig.from_dict({**NANO.to_dict(), "kind": "encoder", "head": "none", "position": "learned",
+                                  "n_token_types": 2})
+    torch.manual_seed(0)
+    rm = rand_params(RewardModel(enc)).eval()
+    assert rm.cfg.pooling == "cls" and RewardModel(NANO).cfg.pooling == "last"
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    scorer = ModelReward(rm, plain, max_length=8)
+    ids = scorer.render("What is 2 + 2?", " The answer is 42. Hello world, this is a good day.")
+    assert len(ids) > 8
+    with torch.no_grad():
+        assert scorer(["What is 2 + 2?"], [" The answer is 42. Hello world, this is a good day."])[0] == \
+            pytest.approx(rm(torch.tensor([ids[:8]])).item(), abs=1e-5)  # [CLS] ... the first 8 tokens
+
+
 def test_model_reward_renders_batches_and_restores_mode(rm, tok):
     prompts = ["What is 2 + 2?", "Hello", "A much longer prompt about the world and a good day"]
     completions = [" 4", " world, this is good", ""]
     scorer = ModelReward(rm, tok, batch_size=2)
-    got = scorer(prompts, completions)
-    with torch.no_grad():
-        want = [rm(torch.tensor([tok.encode(p + c)])).item() for p, c in zip(prompts, completions)]
-    assert got == pytest.approx(want, abs=1e-5)
     chat = [[{"role": "user", "content": p}] for p in prompts]
     got = scorer(chat, completions)
     for p, c, s in zip(chat, completions, got):
         ids = tok.apply_chat_template(p + [{"role": "assistant", "content": c}])
         assert s == pytest.approx(rm(torch.tensor([ids])).item(), abs=1e-5)
+    # a text prompt is one user message, as `llmlab rm` encoded it in training
+    assert scorer(prompts, completions) == pytest.approx(got, abs=1e-6)
+    # without a chat template: the prompt with the tokenizer's specials, the completion, then EOS
+    plain = copy.deepcopy(tok)
+    plain.chat_template, plain.eos_token = None, "<|endoftext|>"
+    eos = plain.token_to_id("<|endoftext|>")
+    with torch.no_grad():
+        want = [rm(torch.tensor([plain.encode(p) + plain.encode(c, add_special_tokens=False) + [eos]])).item()
+                for p, c in zip(prompts, completions)]
+    assert ModelReward(rm, plain)(prompts, completions) == pytest.approx(want, abs=1e-5)
     # conversational completions (a list of messages) render the same
     assert scorer(chat, [[{"role": "assistant", "content": c}] for c in completions]) == pytest.approx(got)
     rm.train()

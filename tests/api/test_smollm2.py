@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import llmlab
-from llmlab.io.assets import AssetNotFoundError, asset_path
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
@@ -18,15 +17,9 @@ TEXTS = PROMPTS + ["emoji 🎉👍🏽 and 12345 numbers, tabs\tand  spaces", "<
 
 
 @pytest.fixture(scope="module")
-def pair():
-    try:
-        path = asset_path("smollm2-135m-instruct")
-    except AssetNotFoundError as e:
-        pytest.skip(str(e))
+def pair(hf_smollm2):
     model, tok = llmlab.load("smollm2-135m-instruct")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            torch_dtype=torch.float32).eval()
-    ref_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ref_tok, ref = hf_smollm2
     return model, tok, ref, ref_tok
 
 

@@ -15,7 +15,9 @@ from llmlab.data.preference import (
     encode_pairs,
     load_hhh_alignment,
     load_preferences,
+    load_sentiment_pairs,
     pairs_from_conversations,
+    pairs_from_labels,
     pairs_from_ranked,
     preference_accuracy,
     save_preferences,
@@ -173,6 +175,33 @@ def test_split_is_deterministic_and_keeps_prompts_together():
         split_pairs(pairs, 1.0)
 
 
+def test_pairs_from_labels_use_each_text_once_and_split_by_pair():
+    texts = [(f"good {i}", "positive") for i in range(7)] + [(f"bad {i}", "negative") for i in range(10)] + \
+            [("meh", "neutral"), ("  ", "positive")]
+    pairs = pairs_from_labels(texts, chosen_label="positive", rejected_label="negative", prompt="Review:", seed=1)
+    assert len(pairs) == 7 and pairs == pairs_from_labels(texts, chosen_label="positive", rejected_label="negative",
+                                                          prompt="Review:", seed=1)
+    assert sorted(p.chosen for p in pairs) == [f"good {i}" for i in range(7)]
+    assert len({p.rejected for p in pairs}) == 7 and all(p.rejected.startswith("bad") for p in pairs)
+    # one prompt for all, yet each pair is its own group: the split works and shares no text across sides
+    train_, val = split_pairs(pairs, 0.3, seed=0)
+    assert len(val) == 2 and len(train_) == 5
+    assert not {p.chosen for p in train_} & {p.chosen for p in val}
+    with pytest.raises(ValueError, match=r"labels present: \['negative', 'neutral', 'positive'\]"):
+        pairs_from_labels(texts, chosen_label="happy", rejected_label="negative", prompt="Review:")
+
+
+def test_sentiment_pairs_from_multiemo():
+    try:
+        pairs = load_sentiment_pairs("english", seed=0)
+    except MissingDataError as e:
+        pytest.skip(str(e))
+    assert len(pairs) == 2286  # every positive review against one of the 3,111 negative ones
+    assert len({p.chosen for p in pairs}) == len({p.rejected for p in pairs}) == len(pairs)
+    with pytest.raises(MissingDataError, match="shared/data"):
+        load_sentiment_pairs(path=SHARED_DATA / "nowhere.jsonl")
+
+
 # -------------------------------------------------------------------------------------------- encoding
 def test_encode_pairs_prompt_is_a_prefix_of_the_chat(tok):
     pairs = load_preferences(PAIRS)
@@ -187,18 +216,27 @@ def test_encode_pairs_prompt_is_a_prefix_of_the_chat(tok):
     assert set(kto) == {"prompt_ids", "completion_ids", "label"} and kto["label"] is False
 
 
-def test_truncation_cuts_the_prompt_from_the_left_first(tok):
-    pair = PreferencePair("Name a colour. " * 4, "Red. " * 3, "Seven.")
+def test_truncation_cuts_the_prompt_from_the_left_but_keeps_half(tok):
+    pair = PreferencePair("Name a colour. " * 8, "Red. " * 3, "Seven.")
     full, = encode_pairs([pair], tok, max_len=1000)
-    budget = len(full["chosen_ids"]) + 3
+    n_prompt, n_chosen = len(full["prompt_ids"]), len(full["chosen_ids"])
+    assert n_prompt > 2 * n_chosen > len(full["rejected_ids"])
+    # the replies fit whole: the prompt keeps its end, next to the reply
     with pytest.warns(UserWarning, match="1 of 1 items are longer than max_len"):
-        cut, = encode_pairs([pair], tok, max_len=budget)
-    assert cut["prompt_ids"] == full["prompt_ids"][-3:]  # the end of the prompt, next to the reply
+        cut, = encode_pairs([pair], tok, max_len=2 * n_chosen)
+    assert cut["prompt_ids"] == full["prompt_ids"][-n_chosen:]
     assert cut["chosen_ids"] == full["chosen_ids"] and cut["rejected_ids"] == full["rejected_ids"]
+    # a reply longer than half of max_len no longer crowds out the prompt: both get half
+    long_reply = PreferencePair(pair.prompt, "Red. " * 40, "Seven.")
+    whole, = encode_pairs([long_reply], tok, max_len=1000)
+    with pytest.warns(UserWarning):
+        cut, = encode_pairs([long_reply], tok, max_len=16)
+    assert cut["prompt_ids"] == whole["prompt_ids"][-8:] and cut["chosen_ids"] == whole["chosen_ids"][:8]
+    assert cut["rejected_ids"] == whole["rejected_ids"][:8]
     with pytest.warns(UserWarning):
         tiny, = encode_pairs([pair], tok, max_len=4)
-    assert tiny["prompt_ids"] == full["prompt_ids"][-1:] and tiny["chosen_ids"] == full["chosen_ids"][:3]
-    assert tiny["rejected_ids"] == full["rejected_ids"][:3]
+    assert tiny["prompt_ids"] == full["prompt_ids"][-2:] and tiny["chosen_ids"] == full["chosen_ids"][:2]
+    assert tiny["rejected_ids"] == full["rejected_ids"][:2]
 
 
 def test_plain_text_without_template_and_bad_templates(tok):

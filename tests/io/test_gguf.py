@@ -337,29 +337,9 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """transformers' own reading of the same file: tokenizer, config and a model with its weights.
-
-    `from_pretrained(gguf_file=...)` insists on accelerate; without it we call the function it calls
-    for llama files (`load_gguf_checkpoint`) on a model built from the config transformers reads."""
-    transformers = pytest.importorskip("transformers")
-    import importlib.util
-
-    path = _smollm2_path()
-    folder, name = str(path.parent), path.name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if importlib.util.find_spec("accelerate"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    else:
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
-        model = transformers.LlamaForCausalLM(config)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        assert set(missing) <= {"lm_head.weight"} and not unexpected
-        model.tie_weights()
-    return tokenizer, model.eval()
+def reference(hf_smollm2):
+    """transformers' own reading of the same file (tests/conftest.py): tokenizer and model."""
+    return hf_smollm2
 
 
 @pytest.fixture(scope="module")

@@ -145,11 +145,11 @@ def test_sft_smollm2_on_chat_pairs_lowers_validation_loss(tmp_path):
         pytest.skip(str(e))
     torch.set_num_threads(2)
     cfg = load_recipe(SFTConfig, ROOT / "recipes" / "sft" / "smollm2.yaml", [
-        f"out_dir={tmp_path / 'sft'}", "data.max_conversations=160", "data.max_len=96", "train.max_steps=12",
-        "train.eval_every=12", "train.lr=1e-4", "train.warmup_steps=2", "train.precision=fp32",
+        f"out_dir={tmp_path / 'sft'}", "data.max_conversations=160", "data.max_len=96", "train.max_steps=8",
+        "train.eval_every=8", "train.lr=1e-4", "train.warmup_steps=2", "train.precision=fp32",
         "train.progress=false", "train.plot=false", "train.sample_prompts=[]"])
     result = sft(cfg)
     val = read_metrics(tmp_path / "sft" / "metrics.jsonl", "val")
-    assert val[0]["step"] == 0 and val[-1]["step"] == 12
+    assert val[0]["step"] == 0 and val[-1]["step"] == 8
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.1, val
     assert result.checkpoint and (tmp_path / "sft" / "final" / "model.safetensors").is_file()

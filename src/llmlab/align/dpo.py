@@ -203,14 +203,18 @@ def _kto_mismatch(examples: list[dict], seed: int) -> None:
         examples[i]["kl_completion_ids"] = examples[order[(k + 1) % len(order)]]["completion_ids"]
 
 
-def _implicit_accuracy(model, examples, pad_id, cfg: DPOConfig, precision) -> dict:
-    """Held-out accuracy and mean margin of the implicit rewards and of the policy's mean log-probs."""
+def _implicit_accuracy(model, examples, pad_id, cfg: DPOConfig, precision, *, at_start: bool = False) -> dict:
+    """Held-out accuracy and mean margin of the implicit rewards and of the policy's mean log-probs. at_start:
+    the policy is still the cached reference, whose log-probs the examples carry (no pass needed)."""
     if not examples or cfg.loss == "kto":
         return {}
-    scored = [dict(e) for e in examples]
-    attach_reference(model, scored, pad_id, batch_size=cfg.data.batch_size, precision=precision)
-    pol = torch.tensor([e["ref_logps"] for e in scored])  # [N, 2] the policy's summed log-probs
-    lens = torch.tensor([[len(e["chosen_ids"]), len(e["rejected_ids"])] for e in scored], dtype=torch.float32)
+    if at_start and "ref_logps" in examples[0] and not cfg.ref_model:
+        pol = torch.tensor([e["ref_logps"] for e in examples])
+    else:
+        scored = [dict(e) for e in examples]
+        attach_reference(model, scored, pad_id, batch_size=cfg.data.batch_size, precision=precision)
+        pol = torch.tensor([e["ref_logps"] for e in scored])  # [N, 2] the policy's summed log-probs
+    lens = torch.tensor([[len(e["chosen_ids"]), len(e["rejected_ids"])] for e in examples], dtype=torch.float32)
     avg = pol / lens
     out = {"logps": vars(preference_accuracy(avg[:, 0], avg[:, 1]))}
     if cfg.loss in REFERENCE_FREE:
@@ -260,7 +264,7 @@ def dpo(cfg: DPOConfig) -> DPOResult:
     eval_path = out / "eval.json"
     report = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     if "before" not in report:  # a resumed run keeps the first measurement
-        report = {"before": _implicit_accuracy(peft.train_model, val, pad, cfg, autocast)}
+        report = {"before": _implicit_accuracy(peft.train_model, val, pad, cfg, autocast, at_start=True)}
         _write_json(eval_path, report)
     if train_cfg.progress:
         trainer_note(f"{cfg.loss.upper()} of {cfg.model}: {len(train):,} training items, {len(val):,} held out; "

@@ -2,6 +2,8 @@
 it names, encoded and split, and a resumable batch loader.
 
     sources: [chat-english]        named chat data: pairs built by data.preference.pairs_from_conversations
+    sources: [sentiment-english]   a positive review preferred to a negative one (data.preference.
+                                   load_sentiment_pairs, BIG-bench multiemo in ../shared/data)
     sources: [prefs.jsonl, ...]    preference files (prompt/chosen/rejected, conversations, or unpaired KTO rows)
 
 A batch holds B pairs as 2B rows, the chosen completions first: row i is prompt_i + chosen_i, row B + i is
@@ -25,12 +27,14 @@ from ..data.preference import (
     UnpairedExample,
     encode_pairs,
     load_preferences,
+    load_sentiment_pairs,
     pairs_from_conversations,
     split_pairs,
 )
 from ..data.sft import load_conversations
 
 NAMED_CHAT_SOURCES = ("chat-english", "chat-chinese")
+NAMED_SENTIMENT_SOURCES = ("sentiment-english", "sentiment-chinese")
 
 
 @dataclass
@@ -58,6 +62,8 @@ def load_items(data: PreferenceData, seed: int) -> list[PreferencePair] | list[U
     for source in data.sources:
         if source in NAMED_CHAT_SOURCES:
             items += pairs_from_conversations(load_conversations(source), seed=seed)
+        elif source in NAMED_SENTIMENT_SOURCES:
+            items += load_sentiment_pairs(source.split("-", 1)[1], seed=seed)
         else:
             items += load_preferences(source)
     kinds = {type(x).__name__ for x in items}

@@ -33,9 +33,11 @@ RewardFn = Callable[..., list[float]]
 
 
 def reward_config(cfg: ModelConfig) -> ModelConfig:
-    """The config of a reward model on cfg's body: one score read at the last real token. No pooler, so the
-    head is a single dim -> 1 projection like transformers' LlamaForSequenceClassification `score`."""
-    return ModelConfig.from_dict({**cfg.to_dict(), "head": "classification", "n_labels": 1, "pooling": "last",
+    """The config of a reward model on cfg's body: one score read at the last real token of a decoder (the one
+    state that has seen the whole text), at [CLS] of an encoder (BERT's sequence-pair convention). No pooler, so
+    the head is a single dim -> 1 projection like transformers' LlamaForSequenceClassification `score`."""
+    pooling = "cls" if cfg.kind == "encoder" else "last"
+    return ModelConfig.from_dict({**cfg.to_dict(), "head": "classification", "n_labels": 1, "pooling": pooling,
                                   "classifier_pooler": False, "classifier_dropout": 0.0})
 
 
@@ -146,14 +148,18 @@ def _is_chat(x: Any) -> bool:
 def _run_batched(fn: Callable[[Tensor, Tensor], Tensor], model: nn.Module, ids: list[list[int]], batch_size: int,
                  max_length: int) -> Tensor:
     """fn(input_ids, attention_mask) over right-padded batches, in eval mode (restored after). Sequences longer
-    than max_length keep their last tokens: the score is read at the end. Pad id 0 is masked out anyway."""
+    than max_length keep the tokens the score is read from: the last ones where the model pools the last token,
+    else the first ([CLS] of an encoder). Pad id 0 is masked out anyway."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    cfg = getattr(model, "cfg", None)
+    keep_end = cfg is None or cfg.pooling == "last"
     try:
         outs = []
         for i in range(0, len(ids), batch_size):
-            rows = [r[-max_length:] or [0] for r in ids[i:i + batch_size]]  # an empty text still gets a row
+            # an empty text still gets a row
+            rows = [(r[-max_length:] if keep_end else r[:max_length]) or [0] for r in ids[i:i + batch_size]]
             T = max(len(r) for r in rows)
             x = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)
             mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], device=device)
@@ -164,10 +170,11 @@ def _run_batched(fn: Callable[[Tensor, Tensor], Tensor], model: nn.Module, ids: 
 
 
 class ModelReward:
-    """A RewardModel as a reward function. Each (prompt, completion) is rendered as the reward model saw it in
-    training: a conversation (prompt messages + the completion as assistant message) through the tokenizer's chat
-    template, else prompt + completion as plain text; then encoded with the reward model's own tokenizer, so the
-    policy may use a different one."""
+    """A RewardModel as a reward function. Each (prompt, completion) is encoded with the reward model's own
+    tokenizer (so the policy may use a different one) exactly as `llmlab rm` encoded its pairs
+    (data.preference.encode_completion): through the tokenizer's chat template when it has one (a text prompt
+    becomes one user message), else the prompt with the tokenizer's special tokens, then the completion and EOS
+    (for BERT: [CLS] prompt [SEP] completion)."""
 
     __name__ = "model_reward"
 
@@ -177,11 +184,10 @@ class ModelReward:
         self.max_length = max_length or reward_model.cfg.max_seq_len
 
     def render(self, prompt: Any, completion: Any) -> list[int]:
-        if _is_chat(prompt):
-            reply = list(completion) if _is_chat(completion) else [{"role": "assistant", "content": completion}]
-            out = self.tokenizer.apply_chat_template(list(prompt) + reply, tokenize=True)
-            return list(out["input_ids"] if isinstance(out, Mapping) else out)  # transformers returns a dict
-        return list(self.tokenizer.encode(prompt + _text(completion)))
+        from ..data.preference import encode_completion
+
+        p, c = encode_completion(self.tokenizer, prompt, completion if _is_chat(completion) else _text(completion))
+        return p + c
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         ids = [self.render(p, c) for p, c in zip(prompts, completions, strict=True)]

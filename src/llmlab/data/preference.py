@@ -255,9 +255,47 @@ def load_hhh_alignment(path: str | os.PathLike | None = None) -> list[Preference
     return load_preferences(path)
 
 
+def load_sentiment_pairs(language: str = "english", *, seed: int = 0, path: str | os.PathLike | None = None,
+                         prompt: str | None = None) -> list[PreferencePair]:
+    """Pairs from BIG-bench multiemo (../shared/data/classification, 8.2k labelled reviews per language): a
+    positive review preferred to a negative one (see pairs_from_labels), the pairs of a sentiment reward model.
+    The shared prompt asks for a review in the data's language unless prompt= is given."""
+    lang = {"english": "en", "chinese": "zh"}.get(language, language)
+    prompt = prompt or {"en": "Write a review.", "zh": "写一条评论。"}.get(lang, "Write a review.")
+    path = Path(path) if path is not None else HHH.parents[1] / "classification" / f"multiemo_{lang}.jsonl"
+    if not path.is_file():
+        raise MissingDataError(f"{path} not found: the BIG-bench evaluation sets live in ../shared/data "
+                               "next to the project; pass path=")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return pairs_from_labels([(r["text"], r["label"]) for r in rows], chosen_label="positive",
+                             rejected_label="negative", prompt=prompt, seed=seed)
+
+
 # ------------------------------------------------------------------------------------------- building
 def _key(prompt) -> str:
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def _group(pair) -> str:
+    """What split_pairs keeps on one side: meta["group"] when the builder set one, else the prompt."""
+    return str(pair.meta["group"]) if "group" in pair.meta else _key(pair.prompt)
+
+
+def pairs_from_labels(examples: Sequence[tuple[str, str]], *, chosen_label: str, rejected_label: str,
+                      prompt: str, seed: int = 0) -> list[PreferencePair]:
+    """Pairs from labelled texts: each text labelled chosen_label against one labelled rejected_label, both drawn
+    without replacement in a seeded order (min of the two counts pairs; other labels are left out), under one
+    shared prompt. Every text is in one pair only, so each pair is its own split group (meta["group"])."""
+    good = [t for t, label in examples if label == chosen_label and t.strip()]
+    bad = [t for t, label in examples if label == rejected_label and t.strip()]
+    if not good or not bad:
+        raise ValueError(f"need texts labelled {chosen_label!r} and {rejected_label!r}; got {len(good)} and "
+                         f"{len(bad)} (labels present: {sorted({label for _, label in examples})})")
+    rng = random.Random(seed)
+    rng.shuffle(good)
+    rng.shuffle(bad)
+    return [PreferencePair(prompt, g, b, {"group": i}) for i, (g, b) in enumerate(zip(good, bad))]
 
 
 def pairs_from_conversations(conversations, *, seed: int = 0) -> list[PreferencePair]:
@@ -310,14 +348,14 @@ def pairs_from_ranked(prompt, samples: Sequence, scores: Sequence[float]) -> lis
 
 
 def split_pairs(pairs: Sequence, val_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """(train, validation), deterministic in seed. Items with the same prompt stay on the same side (no
-    prompt of the validation set is trained on); validation gets whole prompt groups until it holds at
-    least round(val_fraction · n) items. Both sides keep the input order."""
+    """(train, validation), deterministic in seed. Items with the same prompt (or the same meta["group"], where
+    a builder set one) stay on the same side, so no prompt of the validation set is trained on; validation gets
+    whole groups until it holds at least round(val_fraction · n) items. Both sides keep the input order."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
-        groups.setdefault(_key(p.prompt), []).append(i)
+        groups.setdefault(_group(p), []).append(i)
     if len(groups) < 2:
         raise ValueError(f"cannot split {len(pairs)} items with {len(groups)} distinct prompt(s): items of one "
                          "prompt stay together, so at least 2 prompts are needed")
@@ -378,9 +416,11 @@ def encode_pairs(items: Sequence[PreferencePair | UnpairedExample], tokenizer, *
     """Token ids per item (see encode_completion): pairs -> {"prompt_ids", "chosen_ids", "rejected_ids"},
     unpaired examples -> {"prompt_ids", "completion_ids", "label"}.
 
-    Longer than max_len (prompt + the longest completion): the prompt loses tokens from its left (its end,
-    next to the reply, stays; at least one token is kept), then completions are cut to fit (their starts
-    stay). One warning counts the truncated items."""
+    Longer than max_len (prompt + the longest completion): the prompt loses tokens from its left (its end, next
+    to the reply, stays) until the longest completion fits, but keeps at least half of max_len (or all of
+    itself when shorter; TRL's max_prompt_length plays this part); then completions are cut to fit (their starts
+    stay). So a long reply never crowds out the question a reward model or DPO judges it by. One warning counts
+    the truncated items."""
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2 (a prompt token and a completion token), got {max_len}")
     out, cut = [], 0
@@ -401,8 +441,9 @@ def encode_pairs(items: Sequence[PreferencePair | UnpairedExample], tokenizer, *
         longest = max(map(len, comps))
         if len(prompt) + longest > max_len:
             cut += 1
-            prompt = prompt[-max(1, max_len - longest):]
-            comps = [c[:max_len - len(prompt)] for c in comps]
+            keep = max(1, max_len - longest, min(len(prompt), max_len // 2))
+            prompt = prompt[-keep:]
+            comps = [c[:max_len - keep] for c in comps]
         record = {"prompt_ids": prompt, **dict(zip(names, comps))}
         if isinstance(item, UnpairedExample):
             record["label"] = item.label
