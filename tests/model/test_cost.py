@@ -151,6 +151,22 @@ def test_training_flops_dense_by_hand(extra):
     assert cfg.flops_per_token() == cfg.flops_per_token(cfg.max_seq_len)
 
 
+def test_training_flops_with_frozen_layers_by_hand():
+    cfg = ModelConfig.preset("nano")  # 2 layers, the numbers of test_training_flops_dense_by_hand
+    T = 128
+    per_layer, head, attn_layer = 36864, 64 * 512, 33024 / 2
+    forward = 2 * (2 * per_layer + head) + 2 * attn_layer
+    assert cfg.flops_per_token(T, first_trained_layer=0, trained_weights=None) == pytest.approx(3 * forward)
+    # LoRA-like: every layer on the path, 1,000 trained weights: inputs' gradients everywhere, few weight gradients
+    assert cfg.flops_per_token(T, trained_weights=1000) == pytest.approx(
+        forward + (2 * (2 * per_layer + head) + 2 * attn_layer) + (2 * 1000 + 2 * attn_layer))
+    # only the last layer trains: backward stops there
+    assert cfg.flops_per_token(T, first_trained_layer=1, trained_weights=per_layer) == pytest.approx(
+        forward + (2 * (per_layer + head) + attn_layer) + (2 * per_layer + attn_layer))
+    # only the head: its weights' gradients and nothing else
+    assert cfg.flops_per_token(T, first_trained_layer=2, trained_weights=head) == pytest.approx(forward + 2 * head)
+
+
 def test_training_flops_attention_context():
     T = 64
     dec = ModelConfig.preset("nano")

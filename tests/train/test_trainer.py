@@ -182,6 +182,23 @@ def test_metrics_plot_and_mfu(tmp_path):
     assert result.tokens == 3 * 4 * 32 and result.tokens_per_s > 0
 
 
+def test_backward_extent_follows_what_trains():
+    from llmlab.peft import LoraConfig, add_lora
+    from llmlab.train.metrics import backward_extent
+
+    model = nano()
+    assert backward_extent(model, 2) == {}  # everything trains: the plain 6·N count
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_lora(model, LoraConfig(r=4, target_modules=[r"blocks\.1\.attn\.out"]))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora" in n and p.requires_grad)
+    extent = backward_extent(model, 2)
+    assert extent["first_trained_layer"] == 1 and extent["trained_weights"] >= lora > 0
+    model.tok_emb.weight.requires_grad_(True)  # a trained embedding: gradients reach back to the input
+    assert backward_extent(model, 2)["first_trained_layer"] == 0
+    assert backward_extent(model, 2)["trained_weights"] == extent["trained_weights"]  # a table is no product
+
+
 def test_bf16_autocast_runs_and_auto_precision_resolves(tmp_path):
     assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
     result = Trainer(nano(), ToyLoader(), config(max_steps=2, precision="bf16"), out_dir=tmp_path).fit()

@@ -271,10 +271,13 @@ class ModelConfig:
 
         return num_parameters(self)
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, *, first_trained_layer: int = 0,
+                        trained_weights: int | None = None) -> float:
+        """Training FLOPs per token (model.cost.training_flops_per_token; frozen layers shorten backward)."""
         from .cost import training_flops_per_token
 
-        return training_flops_per_token(self, seq_len or self.max_seq_len)
+        return training_flops_per_token(self, seq_len or self.max_seq_len, first_trained_layer=first_trained_layer,
+                                        trained_weights=trained_weights)
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         from .cost import kv_cache_bytes_per_token

@@ -69,20 +69,24 @@ def num_parameters(cfg: ModelConfig) -> int:
     return n + _head(cfg)
 
 
-def _matmul_params_per_token(cfg: ModelConfig) -> int:
-    """Weights each token multiplies with (MoE: router, top_k routed and the shared experts only)."""
-    D = cfg.dim
-    n = 0
-    for layer in range(cfg.n_layers):
-        n += _attention(cfg)
-        if cfg.is_moe_layer(layer):
-            n += D * cfg.n_experts + cfg.moe_top_k * _mlp(cfg, cfg.moe_hidden_dim)
-            n += _mlp(cfg, cfg.moe_hidden_dim * cfg.n_shared_experts) if cfg.n_shared_experts else 0
-        else:
-            n += _mlp(cfg, cfg.hidden_dim)
-    if cfg.head in ("lm", "mlm"):
-        n += D * cfg.vocab_size + (D * D if cfg.head == "mlm" else 0)
+def _layer_matmul_params(cfg: ModelConfig, layer: int) -> int:
+    """Weights each token multiplies with in one block (MoE: router, top_k routed and the shared experts only)."""
+    n = _attention(cfg)
+    if cfg.is_moe_layer(layer):
+        n += cfg.dim * cfg.n_experts + cfg.moe_top_k * _mlp(cfg, cfg.moe_hidden_dim)
+        n += _mlp(cfg, cfg.moe_hidden_dim * cfg.n_shared_experts) if cfg.n_shared_experts else 0
+    else:
+        n += _mlp(cfg, cfg.hidden_dim)
     return n
+
+
+def _head_matmul_params(cfg: ModelConfig) -> int:
+    D = cfg.dim
+    return D * cfg.vocab_size + (D * D if cfg.head == "mlm" else 0) if cfg.head in ("lm", "mlm") else 0
+
+
+def _matmul_params_per_token(cfg: ModelConfig) -> int:
+    return sum(_layer_matmul_params(cfg, layer) for layer in range(cfg.n_layers)) + _head_matmul_params(cfg)
 
 
 def mean_context(cfg: ModelConfig, seq_len: int) -> float:
@@ -93,11 +97,26 @@ def mean_context(cfg: ModelConfig, seq_len: int) -> float:
     return sum(min(i + 1, W) for i in range(seq_len)) / seq_len
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward = 3 × forward (Kaplan et al. 2020; PaLM appendix B).
-    Forward: 2 FLOPs per weight a token meets, plus per layer 2·H·ctx·(d_qk + d_v) for QKᵀ and PV."""
-    attn = 2 * cfg.n_heads * mean_context(cfg, seq_len) * (cfg.qk_head_dim + cfg.value_head_dim) * cfg.n_layers
-    return 3 * (2 * _matmul_params_per_token(cfg) + attn)
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, *, first_trained_layer: int = 0,
+                             trained_weights: int | None = None) -> float:
+    """Forward + backward = 3 × forward when every weight trains (Kaplan et al. 2020; PaLM appendix B).
+    Forward F: 2 FLOPs per weight a token meets, plus per layer 2·H·ctx·(d_qk + d_v) for QKᵀ and PV.
+
+    With frozen weights (PEFT, a reward model's LoRA on the last blocks) backward does less: gradients flow back
+    only from the loss to the first layer that holds a trained parameter, costing that path's forward FLOPs once
+    for the inputs' gradients (2·N_path + attention_path), and once more for the gradients of what is trained
+    there (2·trained_weights + attention_path: attention's other operand is an activation, so it counts in full).
+        total = F + (2·N_path + A_path) + (2·trained_weights + A_path)
+    Defaults (everything trains) give 3·F. first_trained_layer = n_layers: only the head trains, so backward
+    computes its weights' gradients and nothing else."""
+    attn_layer = 2 * cfg.n_heads * mean_context(cfg, seq_len) * (cfg.qk_head_dim + cfg.value_head_dim)
+    forward = 2 * _matmul_params_per_token(cfg) + attn_layer * cfg.n_layers
+    path_layers = range(max(0, first_trained_layer), cfg.n_layers)
+    path_weights = sum(_layer_matmul_params(cfg, layer) for layer in path_layers)
+    path_weights += _head_matmul_params(cfg) if path_layers else 0  # only the head trains: no input gradients
+    path_attn = attn_layer * len(path_layers)
+    trained = path_weights if trained_weights is None else trained_weights
+    return forward + (2 * path_weights + path_attn) + (2 * trained + path_attn)
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:

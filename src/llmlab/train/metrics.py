@@ -1,7 +1,8 @@
 """What a run reports: the JSONL metrics log, throughput and MFU, the console progress bar and the loss plot.
 
 MFU (model FLOPs utilization) = achieved FLOP/s ÷ peak FLOP/s, with
-    achieved = tokens/s × training FLOPs per token   (ModelConfig.flops_per_token(seq_len): 6·N plus attention)
+    achieved = tokens/s × training FLOPs per token   (ModelConfig.flops_per_token(seq_len): 6·N plus attention,
+               less where frozen layers end backward early: backward_extent)
     peak     = the best FLOP/s of a large square matmul measured on this device in this process, in the dtype
                the run computes in (or TrainConfig.peak_flops when given).
 A measured peak, not the vendor's datasheet: on a shared 2-core CPU the datasheet number is unreachable and
@@ -14,12 +15,14 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 # ============================================================================================ device facts
 
@@ -109,6 +112,33 @@ class MetricsLog:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
+
+
+_IN_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_AFTER_BLOCKS = re.compile(r"(?:^|\.)(?:norm|head)\.")
+
+
+def backward_extent(model: nn.Module, n_layers: int) -> dict[str, Any]:
+    """What backward computes when some weights are frozen, as ModelConfig.flops_per_token's keywords: the first
+    block holding a trained parameter (gradients flow back no further; a trained embedding or virtual token
+    means all blocks, only the final norm or head means none) and the trained matrix weights (embedding tables
+    excluded: their gradient is a scatter, not a product). {} when every parameter trains."""
+    params = list(model.named_parameters())
+    if all(p.requires_grad for _, p in params):
+        return {}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    first, weights = n_layers, 0
+    for name, p in params:
+        if not p.requires_grad:
+            continue
+        block = _IN_BLOCK.search(name)
+        if block:
+            first = min(first, int(block.group(1)))
+        elif not _AFTER_BLOCKS.search(name):
+            first = 0
+        if p.dim() >= 2 and id(p) not in tables:
+            weights += p.numel()
+    return {"first_trained_layer": first, "trained_weights": weights}
 
 
 def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .metrics import MetricsLog, Progress, format_eval, matmul_peak_flops, perplexity, plot_losses, resolve_precision
+from .metrics import (MetricsLog, Progress, backward_extent, format_eval, matmul_peak_flops, perplexity, plot_losses,
+                      resolve_precision)
 from .optim import Schedule, build_optimizer
 from .state import (clean_temporaries, checkpoint_path, list_checkpoints, load_training_checkpoint,
                     prune_checkpoints, save_training_checkpoint)
@@ -128,6 +129,8 @@ class Trainer:
         peak = cfg.peak_flops or (matmul_peak_flops(str(self.device), self._dtype()) if hasattr(
             getattr(self.model, "cfg", None), "flops_per_token") else 0.0)
         self._peak = peak
+        model_cfg = getattr(self.model, "cfg", None)
+        self._backward = backward_extent(self.model, model_cfg.n_layers) if peak and model_cfg else {}
         self._iter = iter(self.loader)
         self.model.train()
         log = MetricsLog(self.metrics_path)
@@ -278,7 +281,7 @@ class Trainer:
             record[name] = v / max(a["weight"], 1e-12)
         cfg = getattr(self.model, "cfg", None)
         if self._peak and self._seq_len and hasattr(cfg, "flops_per_token"):
-            record["mfu"] = tps * cfg.flops_per_token(self._seq_len) / self._peak
+            record["mfu"] = tps * cfg.flops_per_token(self._seq_len, **self._backward) / self._peak
         log.write(record)
         self._acc = self._empty_acc()
         self._interval_start, self._interval_tokens, self._interval_pause = now, 0, 0.0
