@@ -120,6 +120,17 @@ def test_hhh_alignment_reads_as_pairs():
         load_hhh_alignment(SHARED_DATA / "nowhere.jsonl")
 
 
+def test_shared_data_folder_can_be_named_by_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "preference").mkdir()
+    row = {"id": "x-0", "subset": "helpful", "prompt": "p", "chosen": "a", "rejected": "b"}
+    (tmp_path / "preference" / "hhh_alignment.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setenv("LLMLAB_SHARED_DATA", str(tmp_path))
+    pair, = load_hhh_alignment()
+    assert (pair.chosen, pair.meta["subset"]) == ("a", "helpful")
+    with pytest.raises(MissingDataError, match="LLMLAB_SHARED_DATA"):
+        load_sentiment_pairs()  # no classification/ there
+
+
 # -------------------------------------------------------------------------------------------- building
 CHATS = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
          for i in range(12)]

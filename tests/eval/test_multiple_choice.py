@@ -25,10 +25,12 @@ import llmlab  # noqa: E402
 from llmlab.eval.multiple_choice import (  # noqa: E402
     ItemScore, encode_pair, evaluate_multiple_choice, loglikelihoods, mean_stderr,
 )
-from llmlab.eval.tasks import BUILTIN, DATA, TaskError, UnknownTaskError, load_task  # noqa: E402
+from llmlab.data.sources import shared_data_dir  # noqa: E402
+from llmlab.eval.tasks import BUILTIN, TaskError, UnknownTaskError, load_task  # noqa: E402
 from llmlab.model import ModelConfig, Transformer  # noqa: E402
 from llmlab.tokenizer import train  # noqa: E402
 
+DATA = shared_data_dir() / "multiple_choice"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} not found: the BIG-bench evaluation sets "
                                                           "live in ../shared/data next to the project")
 COUNTS = {"date_understanding": 369, "logical_deduction_three_objects": 300, "strategyqa": 2289,

