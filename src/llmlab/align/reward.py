@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.preference import encode_completion
 from ..io.checkpoint import build_model, load_checkpoint, save_checkpoint
 from ..model import ModelConfig, Transformer
 from .losses import PreferenceLossOutput
@@ -184,8 +185,6 @@ class ModelReward:
         self.max_length = max_length or reward_model.cfg.max_seq_len
 
     def render(self, prompt: Any, completion: Any) -> list[int]:
-        from ..data.preference import encode_completion
-
         p, c = encode_completion(self.tokenizer, prompt, completion if _is_chat(completion) else _text(completion))
         return p + c
 
