@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from llmlab.infer import LLM, Engine, SamplingParams
+from llmlab.infer import engine as engine_module
+from llmlab.infer.scheduler import split_padded
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import train
 
@@ -253,3 +255,34 @@ def test_guided_json_output_follows_the_schema(model, tok):
     with pytest.raises(ValueError):
         json.loads(free)
     assert llm.engine.cache.blocks.in_use() == 0
+
+
+def set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1:]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_padded_finds_the_cheapest_grouping_of_all(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 7))]
+    fixed = rng.choice([0, 16, 48, 500])
+    cost = lambda groups: sum(fixed + len(g) * max(lengths[i] for i in g) for g in groups)  # noqa: E731
+    groups = split_padded(lengths, fixed)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert cost(groups) == min(cost(p) for p in set_partitions(list(range(len(lengths)))))
+
+
+def test_prompts_prefilled_in_separate_forwards_give_the_same_output(model, monkeypatch):
+    monkeypatch.setattr(engine_module, "PREFILL_FORWARD_COST", 0)  # every prompt chunk in its own forward
+    ps = prompts(4, seed=5)
+    llm = LLM(model, block_size=4)
+    outs = llm.generate(ps, SamplingParams(max_tokens=8, temperature=0))
+    for p, o in zip(ps, outs):
+        assert o.token_ids == greedy_reference(model, p, 8)

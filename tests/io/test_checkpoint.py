@@ -41,7 +41,9 @@ def assert_same_model(a: Transformer, b: Transformer) -> None:
         out_a, out_b = a(ids, **kwargs), b(ids, **kwargs)
     ya = out_a.hidden_states if out_a.logits is None else out_a.logits
     yb = out_b.hidden_states if out_b.logits is None else out_b.logits
-    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    # Not bitwise: the loaded weights are views into the mmapped file, 8-byte but not 64-byte aligned, and MKL's
+    # kernels for a few rows (model/linear.py) round differently by the alignment of the weight (about 1e-7).
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
 
 
 # Configs that exercise every buffer _rebuild_buffers recomputes, ties, MoE, MLA and the encoder heads.

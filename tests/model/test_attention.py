@@ -72,6 +72,28 @@ def test_backends_agree_with_brute_force_and_each_other(kind, tk):
             torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["causal", "padding", "window", "alibi"])
+def test_a_decode_step_under_gqa_matches_brute_force(kind):
+    # one query per row: sdpa folds the query heads that share a K/V head into queries of that head
+    torch.manual_seed(0)
+    tk = 12
+    valid = torch.ones(B, tk, dtype=torch.bool)
+    valid[1, :4] = False
+    slopes = alibi_slopes(H)
+    mask, allowed, bias = {
+        "causal": (AttentionMask(True, 1, tk, tk - 1), lambda b, i, j: True, None),
+        "padding": (AttentionMask(True, 1, tk, tk - 1, key_valid=valid), lambda b, i, j: valid[b, j], None),
+        "window": (AttentionMask(True, 1, tk, tk - 1, window=5), lambda b, i, j: j > tk - 6, None),
+        "alibi": (AttentionMask(True, 1, tk, tk - 1, alibi=slopes), lambda b, i, j: True,
+                  lambda h, i, j: -float(slopes[h]) * (tk - 1 - j)),
+    }[kind]
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, HKV, tk, D), torch.randn(B, HKV, tk, D + 4)
+    ref = brute_force(q, k, v, allowed, bias).float()
+    for backend in ("sdpa", "math", "flash"):
+        out, _ = attend(q, k, v, mask, ModelConfig(attn_backend=backend), 1 / math.sqrt(D), training=False)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_flash_skips_tiles_hidden_by_causality_or_the_window():
     mask = AttentionMask(True, 64, 64)
     assert mask.block_is_hidden(0, 8, 8, 16) and not mask.block_is_hidden(8, 16, 0, 8)

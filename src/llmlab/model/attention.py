@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .flash import flash_attention
+from .linear import Linear
 from .mask import AttentionMask
 from .norm import RMSNorm
 from .position import apply_rotary
@@ -43,10 +44,18 @@ def attend(
     probs = None
     if backend == "sdpa":
         bias, is_causal = mask.sdpa_arguments(q.device, q.dtype)
-        gqa = q.shape[1] != k.shape[1]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, scale=scale, enable_gqa=gqa
-        )
+        B, H, Tq, D = q.shape
+        Hkv = k.shape[1]
+        if Tq == 1 and H != Hkv and not is_causal and (bias is None or bias.shape[1] == 1):
+            # One query (a decode step) under GQA: the G query heads that share a K/V head go in as G queries
+            # of that head (their mask is the same row), so each K/V head is read once, not G times.
+            out = F.scaled_dot_product_attention(
+                q.view(B, Hkv, H // Hkv, D), k, v, attn_mask=bias, dropout_p=dropout, scale=scale
+            ).view(B, H, 1, v.shape[-1])
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, scale=scale, enable_gqa=H != Hkv
+            )
     elif backend == "flash":
         out = flash_attention(q, k, v, mask, scale, cfg.flash_block_size)
     else:
@@ -73,8 +82,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        self.qkv = nn.Linear(cfg.dim, qkv_out, bias=cfg.qkv_bias)
-        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
+        self.qkv = Linear(cfg.dim, qkv_out, bias=cfg.qkv_bias)
+        self.out = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
         self.out.is_residual_projection = True
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -110,15 +119,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope, self.rope, self.vdim, self.rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         qk = self.nope + self.rope
         if cfg.q_lora_rank > 0:
-            self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_down = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.q_up = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+            self.q_up = Linear(cfg.q_lora_rank, H * qk, bias=False)
         else:
-            self.q_proj = nn.Linear(cfg.dim, H * qk, bias=cfg.qkv_bias)
-        self.kv_down = nn.Linear(cfg.dim, self.rank + self.rope, bias=cfg.qkv_bias)  # [c_kv ; k_r]
+            self.q_proj = Linear(cfg.dim, H * qk, bias=cfg.qkv_bias)
+        self.kv_down = Linear(cfg.dim, self.rank + self.rope, bias=cfg.qkv_bias)  # [c_kv ; k_r]
         self.kv_norm = RMSNorm(self.rank, cfg.norm_eps)
-        self.kv_up = nn.Linear(self.rank, H * (self.nope + self.vdim), bias=False)
-        self.out = nn.Linear(H * self.vdim, cfg.dim, bias=cfg.attn_out_bias)
+        self.kv_up = Linear(self.rank, H * (self.nope + self.vdim), bias=False)
+        self.out = Linear(H * self.vdim, cfg.dim, bias=cfg.attn_out_bias)
         self.out.is_residual_projection = True
         self.scale = 1.0 / math.sqrt(qk)
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear
 from .mlp import ACTIVATIONS
 
 
@@ -15,7 +16,7 @@ class LMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.proj = Linear(cfg.dim, cfg.vocab_size, bias=cfg.lm_head_bias)
 
     def forward(self, h, attention_mask=None):
         return self.proj(h)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .linear import Linear
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -27,8 +28,8 @@ class MLP(nn.Module):
         hidden = hidden_dim or cfg.hidden_dim
         self.gated = cfg.gated
         self.act = ACTIVATIONS[cfg.activation]
-        self.up = nn.Linear(cfg.dim, hidden * (2 if self.gated else 1), bias=cfg.mlp_bias)
-        self.down = nn.Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
+        self.up = Linear(cfg.dim, hidden * (2 if self.gated else 1), bias=cfg.mlp_bias)
+        self.down = Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
         self.down.is_residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""nn.Linear with a faster CPU path for a few rows (decode steps, small batches).
+
+y = x Wᵀ + b either way. For a few rows x and a weight too big for the cache, MKL's sgemm on x·Wᵀ packs the
+whole of W on every call, so it reads and writes the weight where one read would do. The same product as
+(W·xᵀ)ᵀ lets it pack the small operand instead. Measured on 2 AVX2 cores over the 25 weight matrices of a decode
+step of the 15.7M shape (cold weights), the copy back to row-major included: 1.6-3× faster for 2-32 rows, 1.2×
+at 64, even at about 100, slower beyond; at one row both are matrix-vector products.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEW_ROWS = 96  # up to this many rows the transposed product is faster (see above)
+
+
+class Linear(nn.Linear):
+    """A drop-in nn.Linear (same parameters and state dict) that picks the faster CPU product by row count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if x.device.type != "cpu" or not 2 <= rows <= FEW_ROWS or self.out_features == 1:
+            return F.linear(x, self.weight, self.bias)
+        xt = x.reshape(rows, self.in_features).t()
+        y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
+        # copied last, so the result is a tensor of its own as F.linear's is, not a view (LoRA adds into it in place)
+        return y.t().view(*x.shape[:-1], self.out_features).contiguous()
