@@ -118,6 +118,22 @@ def test_paged_cache_rows_alike(block_size):
         torch.testing.assert_close(o, full_logits(model, s), **TOL)
 
 
+@pytest.mark.parametrize("variant", ["gqa", "mla"])
+def test_a_lone_sequence_in_consecutive_blocks_reads_its_keys_in_place(variant):
+    """Blocks 3, 4, 5, ... in order: the keys are a view of the pool (no gather), and exact."""
+    model = model_for(variant)
+    seq = [random.Random(6).randrange(model.cfg.vocab_size) for _ in range(14)]
+    cache = PagedKVCache(12, 4)
+    table, done, out = [3, 4, 5, 6], 0, []
+    for n in (6, 1, 1, 5, 1):
+        view = cache.batch_view([table], [done], [n])
+        assert view.run_start == (3 if done + n > 4 else None)
+        with torch.no_grad():
+            out.append(model(torch.tensor([seq[done:done + n]]), cache=view).logits[0])
+        done += n
+    torch.testing.assert_close(torch.cat(out), full_logits(model, seq), **TOL)
+
+
 def test_mla_pool_holds_the_latent_only():
     model = model_for("mla")
     cache = PagedKVCache(4, 4)

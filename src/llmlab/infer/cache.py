@@ -194,8 +194,8 @@ class PagedBatch:
     positions from here (per_row) instead of deriving them from an attention mask.
 
     Keys are gathered a whole block at a time. When every sequence owns a single block and the rows are
-    blocks 0..B-1 in order (the contiguous layout the engine keeps by compaction), they are a view of the
-    pool: no copy at all."""
+    blocks 0..B-1 in order (the contiguous layout the engine keeps by compaction), or a lone sequence's blocks
+    follow one another in the pool, they are a view of the pool: no copy at all."""
 
     per_row = True
 
@@ -211,6 +211,10 @@ class PagedBatch:
         self.table = torch.tensor([list(t[:n_blocks]) + [0] * (n_blocks - len(t[:n_blocks])) for t in tables],
                                   device=dev)
         self.view_rows = n_blocks == 1 and all(t[0] == i for i, t in enumerate(tables))
+        # a lone sequence whose blocks follow one another in the pool (as a fresh pool hands them out)
+        first = tables[0][0] if B == 1 and n_blocks > 1 else None
+        in_order = first is not None and list(tables[0][:n_blocks]) == list(range(first, first + n_blocks))
+        self.run_start = first if in_order else None
         steps = torch.arange(T, device=dev)
         self.positions = torch.minimum(cached_t[:, None] + steps, (total - 1)[:, None])  # padding: any real one
         uniform = len(set(cached)) == 1 and len(set(new)) == 1
@@ -236,6 +240,8 @@ class PagedBatch:
             B, n_blocks = self.table.shape
             if self.view_rows:
                 keys = blocks[:B, :K]
+            elif self.run_start is not None:
+                keys = pool[self.run_start * bs:self.run_start * bs + K][None]
             else:  # gather whole blocks into a reused buffer (fresh multi-MB tensors each layer cost page faults)
                 src = blocks[:, :K] if n_blocks == 1 else blocks
                 buf = self.cache.scratch(len(out), B * n_blocks * src[0].numel(), pool.dtype)
