@@ -7,7 +7,8 @@
   attention, no Python around them), which bounds any engine's speed on this machine.
 - throughput: --requests requests with random prompt and output lengths (seeded). llmlab: all submitted at
   once, continuously batched over the paged KV pool. transformers: padded static batches of 16 in arrival
-  order, each run until its longest output. Throughput counts only the tokens the requests asked for.
+  order, each run until its longest output. Throughput counts only the tokens the requests asked for; the
+  contenders run alternately --rounds times, median.
   Both KV layouts: paged (blocks of 16 from a memory budget) and contiguous (a max_seq_len row per
   sequence). Also the KV memory actually used at peak vs allocated.
 
@@ -122,36 +123,50 @@ def decode_b1(hf, ours, new_tokens: int, rounds: int) -> dict:
             "weights_floor_gb_per_s": weight_bytes / ms["weights_floor"] / 1e6}
 
 
-def throughput(hf, ours, n_requests: int, seed: int = 0) -> dict:
+def throughput(hf, ours, n_requests: int, rounds: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     vocab = ours.cfg.vocab_size
     reqs = [([rng.randrange(vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 256))
             for _ in range(n_requests)]
     wanted = sum(n for _, n in reqs)
 
-    t = time.perf_counter()
-    for i in range(0, n_requests, 16):  # transformers: padded static batches of 16
-        batch = reqs[i:i + 16]
-        width = max(len(p) for p, _ in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
-        longest = max(n for _, n in batch)
-        with torch.no_grad():
-            hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                        pad_token_id=0)
-    hf_s = time.perf_counter() - t
+    def run_hf():
+        for i in range(0, n_requests, 16):  # transformers: padded static batches of 16
+            batch = reqs[i:i + 16]
+            width = max(len(p) for p, _ in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+            longest = max(n for _, n in batch)
+            with torch.no_grad():
+                hf.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                            do_sample=False, pad_token_id=0)
 
-    row = {"requests": n_requests, "tokens_requested": wanted, "transformers_tokens_per_s": wanted / hf_s}
+    engines = {}
+
+    def runner(layout):
+        def run():
+            llm = engines[layout] = LLM(ours, max_num_seqs=n_requests, kv_layout=layout)
+            outs = llm.generate([p for p, _ in reqs], [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+                                                       for _, n in reqs])
+            assert sum(len(o.token_ids) for o in outs) == wanted
+        return run
+
+    contenders = {"transformers": run_hf, "paged": runner("paged"), "contiguous": runner("contiguous")}
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):  # alternately, so a slow spell of a shared machine hits every contender
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    secs = {k: statistics.median(v) for k, v in times.items()}
+    row = {"requests": n_requests, "tokens_requested": wanted, "rounds": rounds,
+           "transformers_tokens_per_s": wanted / secs["transformers"]}
     for layout in ("paged", "contiguous"):
-        llm = LLM(ours, max_num_seqs=n_requests, kv_layout=layout)
-        t = time.perf_counter()
-        outs = llm.generate([p for p, _ in reqs], [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-                                                   for _, n in reqs])
-        ours_s = time.perf_counter() - t
-        assert sum(len(o.token_ids) for o in outs) == wanted
+        llm = engines[layout]
         blocks = llm.engine.cache.blocks
         block_bytes = llm.engine.cache.nbytes() / blocks.num_blocks
-        row[layout] = {"llmlab_tokens_per_s": wanted / ours_s, "speedup": hf_s / ours_s,
+        row[layout] = {"llmlab_tokens_per_s": wanted / secs[layout], "speedup": secs["transformers"] / secs[layout],
+                       "speedups_by_round": [h / o for h, o in zip(times["transformers"], times[layout])],
                        "engine_steps": llm.engine.num_steps, "preemptions": llm.engine.scheduler.num_preemptions,
                        "kv_mib_used_at_peak": blocks.peak_in_use * block_bytes / 2**20,
                        "kv_mib_allocated": llm.engine.cache.nbytes() / 2**20}
@@ -178,7 +193,7 @@ def main() -> None:
     result["decode_b1_15m"] = decode_b1(hf, ours, args.new_tokens, args.rounds)
     log({"decode_b1_15m": result["decode_b1_15m"]})
     if args.requests:
-        result["throughput_15m"] = throughput(hf, ours, args.requests)
+        result["throughput_15m"] = throughput(hf, ours, args.requests, args.rounds)
         log({"throughput_15m": result["throughput_15m"]})
     if not args.no_smollm2:
         try:
