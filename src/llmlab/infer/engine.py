@@ -6,10 +6,11 @@
         for out in engine.step(): ...          # RequestOutputs of the requests that advanced
 
 A step runs the scheduler's batch through the model over the paged KV pool (decodes in one forward, prompt
-chunks in as many more as keep padding low: see scheduler.split_padded), samples the next token of every sequence whose tokens are all computed, and checks each
-for its end: EOS, a stop id, a stop string (found across token boundaries in the decoded text and cut off),
-max_tokens or the context window. Text is decoded incrementally; while a sequence runs, the tail that could
-still become a stop string is held back, so streamed text never shows part of one.
+chunks in as many more as keep padding low: see scheduler.split_padded), samples the next token of every
+sequence whose tokens are all computed, and checks each for its end: EOS, a stop id, a stop string (found
+across token boundaries in the decoded text and cut off), max_tokens or the context window. Text is decoded
+incrementally; while a sequence runs, the tail that could still become a stop string is held back, so streamed
+text never shows part of one.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from .sampling import SamplerRow, prompt_logprobs, sample
 from .scheduler import Scheduler, Sequence, split_padded
 
 DEFAULT_KV_MEMORY = 256 * 2**20
-# A forward's fixed cost in prompt tokens, for splitting prompt chunks of unequal lengths into forwards:
-# about what one decode step of the 15.7M benchmark model costs against a prefill token on 2 CPU cores.
+# A forward's fixed cost in prompt tokens, for splitting prompt chunks of unequal lengths into forwards. On a
+# CPU: about what one decode step of the 15.7M benchmark model costs against a prefill token on 2 cores. A GPU
+# computes padding almost for free next to its per-kernel launch cost, so there it is far larger (a guess: no
+# GPU measured it).
 PREFILL_FORWARD_COST = 48
+PREFILL_FORWARD_COST_GPU = 4096
 
 
 @dataclass(eq=False)
@@ -192,7 +196,8 @@ class Engine:
         touched: dict[str, Request] = {}
         if decode:
             self._run(decode, touched)
-        for rows in split_padded([n for _, n in prefill], PREFILL_FORWARD_COST):
+        fixed = PREFILL_FORWARD_COST if self.device.type == "cpu" else PREFILL_FORWARD_COST_GPU
+        for rows in split_padded([n for _, n in prefill], fixed):
             self._run([prefill[i] for i in rows], touched)
         if self.contiguous:
             self.scheduler.compact()
