@@ -223,9 +223,11 @@ class PagedBatch:
         self.key_valid = None if uniform else torch.arange(K, device=dev) < total[:, None]
         self.query_valid = None if uniform else steps < new_t[:, None]
         self.key_pos = None
-        pos = self.positions.reshape(-1) if self.query_valid is None else self.positions[self.query_valid]
+        # which of the [B, T] queries are real tokens to write: all of them in a decode step (T = 1)
+        self.written = None if min(new) == T else self.query_valid
+        pos = self.positions.reshape(-1) if self.written is None else self.positions[self.written]
         rows = torch.arange(B, device=dev)[:, None].expand(B, T)
-        rows = rows.reshape(-1) if self.query_valid is None else rows[self.query_valid]
+        rows = rows.reshape(-1) if self.written is None else rows[self.written]
         self.write_slots = self.table[rows, pos // bs] * bs + pos % bs
 
     def update(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -234,7 +236,7 @@ class PagedBatch:
         for pool, t in zip(self.cache.pool(layer, tensors), tensors):
             # t [B, h, T, d]: the real tokens go to their slots, then every row's keys come back left-aligned
             new = t.transpose(1, 2)
-            new = new.reshape(-1, *new.shape[2:]) if self.query_valid is None else new[self.query_valid]
+            new = new.reshape(-1, *new.shape[2:]) if self.written is None else new[self.written]
             pool[self.write_slots] = new.to(pool.dtype)
             blocks = pool.view(-1, bs, *pool.shape[1:])
             B, n_blocks = self.table.shape
