@@ -17,6 +17,7 @@ def test_linear_equals_the_formula_for_any_row_count(shape, bias):
     y = layer(x)
     ref = x @ layer.weight.t() + (layer.bias if bias else 0)
     assert y.shape == (*shape[:-1], 40) and y.is_contiguous()
+    assert y._base is None  # a tensor of its own, as F.linear returns: LoRA adds into it in place
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, layer.weight), g)

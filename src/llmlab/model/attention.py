@@ -50,7 +50,7 @@ def attend(
             # One query (a decode step) under GQA: the G query heads that share a K/V head go in as G queries
             # of that head (their mask is the same row), so each K/V head is read once, not G times.
             out = F.scaled_dot_product_attention(
-                q.view(B, Hkv, H // Hkv, D), k, v, attn_mask=bias, dropout_p=dropout, scale=scale
+                q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=bias, dropout_p=dropout, scale=scale
             ).view(B, H, 1, v.shape[-1])
         else:
             out = F.scaled_dot_product_attention(
