@@ -30,7 +30,7 @@ from pathlib import Path
 from ..tokenizer import Tokenizer
 from .corpus import _Errors
 from .sft import FormatError, _from_messages, load_conversations
-from .sources import MissingDataError, shared_data_dir
+from .sources import shared_data_file
 
 SCHEMAS = ('accepted records: {"prompt", "chosen", "rejected"} (strings or message lists), '
            '{"chosen": messages, "rejected": messages} (the shared first messages are the prompt), or '
@@ -247,11 +247,7 @@ def save_preferences(items: Sequence[PreferencePair | UnpairedExample], path: st
 
 def load_hhh_alignment(path: str | os.PathLike | None = None) -> list[PreferencePair]:
     """BIG-bench hhh_alignment (221 pairs; .meta has id and subset). EVALUATION ONLY: never train on it."""
-    path = Path(path) if path is not None else shared_data_dir() / "preference" / "hhh_alignment.jsonl"
-    if not path.is_file():
-        raise MissingDataError(f"{path} not found: the BIG-bench evaluation sets live in ../shared/data "
-                               "next to the project (or set LLMLAB_SHARED_DATA); pass path=")
-    return load_preferences(path)
+    return load_preferences(shared_data_file(path, "preference/hhh_alignment.jsonl"))
 
 
 def load_sentiment_pairs(language: str = "english", *, seed: int = 0, path: str | os.PathLike | None = None,
@@ -261,11 +257,7 @@ def load_sentiment_pairs(language: str = "english", *, seed: int = 0, path: str 
     The shared prompt asks for a review in the data's language unless prompt= is given."""
     lang = {"english": "en", "chinese": "zh"}.get(language, language)
     prompt = prompt or {"en": "Write a review.", "zh": "写一条评论。"}.get(lang, "Write a review.")
-    path = Path(path) if path is not None else shared_data_dir() / "classification" / f"multiemo_{lang}.jsonl"
-    if not path.is_file():
-        raise MissingDataError(f"{path} not found: the BIG-bench evaluation sets live in ../shared/data "
-                               "next to the project (or set LLMLAB_SHARED_DATA); pass path=")
-    with open(path, encoding="utf-8") as f:
+    with open(shared_data_file(path, f"classification/multiemo_{lang}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return pairs_from_labels([(r["text"], r["label"]) for r in rows], chosen_label="positive",
                              rejected_label="negative", prompt=prompt, seed=seed)

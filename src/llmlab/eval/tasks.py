@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from ..data.sources import MissingDataError, shared_data_dir
+from ..data.sources import shared_data_file
 
 
 _TRUTHFUL_QA_PREFIX = (
@@ -327,10 +327,8 @@ def load_task(task: str | os.PathLike, *, include_path=None, data_dir: str | os.
     if source in yamls:
         return _from_yaml(yamls[source])
     if source in BUILTIN:
-        file = Path(data_dir or shared_data_dir() / "multiple_choice") / f"{source}.jsonl"
-        if not file.is_file():
-            raise MissingDataError(f"{file} not found: the BIG-bench evaluation sets live in ../shared/data next "
-                                   "to the project (or set LLMLAB_SHARED_DATA); pass data_dir=")
+        given = Path(data_dir) / f"{source}.jsonl" if data_dir else None
+        file = shared_data_file(given, f"multiple_choice/{source}.jsonl", "data_dir")
         return _from_jsonl(file, source, **{**JSONL_DEFAULTS, **BUILTIN[source], **options})
     if path.suffix in (".jsonl", ".yaml", ".yml"):
         raise FileNotFoundError(f"{path}: no such task file")
