@@ -141,7 +141,7 @@ def test_mla_pool_holds_the_latent_only():
     with torch.no_grad():
         model(torch.arange(6)[None], cache=view)
     shapes = {tuple(p.shape) for ps in cache.pools.values() for p in ps}
-    assert shapes == {(16, 1, 16), (16, 1, 8)}  # [slots, one shared head, kv_lora_rank | qk_rope_head_dim]
+    assert shapes == {(1, 16, 16), (1, 16, 8)}  # [one shared head, slots, kv_lora_rank | qk_rope_head_dim]
 
 
 # ------------------------------------------------------------------------------------------ block manager
@@ -182,4 +182,4 @@ def test_copy_block_copies_every_layer():
     cache.copy_block(0, 2)
     for pools in cache.pools.values():
         for p in pools:
-            torch.testing.assert_close(p[4:6], p[0:2])
+            torch.testing.assert_close(p[:, 4:6], p[:, 0:2])
