@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from llmlab.infer import LLM, Engine, SamplingParams
-from llmlab.infer import engine as engine_module
-from llmlab.infer.scheduler import split_padded
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import train
 
@@ -257,32 +255,13 @@ def test_guided_json_output_follows_the_schema(model, tok):
     assert llm.engine.cache.blocks.in_use() == 0
 
 
-def set_partitions(items):
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for part in set_partitions(rest):
-        yield [[first], *part]
-        for i in range(len(part)):
-            yield [*part[:i], [first, *part[i]], *part[i + 1:]]
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_split_padded_finds_the_cheapest_grouping_of_all(seed):
-    rng = random.Random(seed)
-    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 7))]
-    fixed = rng.choice([0, 16, 48, 500])
-    cost = lambda groups: sum(fixed + len(g) * max(lengths[i] for i in g) for g in groups)  # noqa: E731
-    groups = split_padded(lengths, fixed)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    assert cost(groups) == min(cost(p) for p in set_partitions(list(range(len(lengths)))))
-
-
-def test_prompts_prefilled_in_separate_forwards_give_the_same_output(model, monkeypatch):
-    monkeypatch.setattr(engine_module, "PREFILL_FORWARD_COST", 0)  # every prompt chunk in its own forward
-    ps = prompts(4, seed=5)
-    llm = LLM(model, block_size=4)
-    outs = llm.generate(ps, SamplingParams(max_tokens=8, temperature=0))
+def test_prompt_chunks_go_packed_into_one_forward_without_padding(model, monkeypatch):
+    """Prompts of very different lengths: one [1, sum of lengths] forward for all of them, same outputs."""
+    ps = [prompts(1, seed=5, lo=2, hi=3)[0], prompts(1, seed=6, lo=40, hi=41)[0], prompts(1, seed=7, lo=9, hi=10)[0]]
+    shapes = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, **kw: shapes.append(tuple(ids.shape)) or forward(ids, **kw))
+    outs = LLM(model, block_size=4).generate(ps, SamplingParams(max_tokens=6, temperature=0))
+    assert shapes[0] == (1, sum(map(len, ps)))
     for p, o in zip(ps, outs):
-        assert o.token_ids == greedy_reference(model, p, 8)
+        assert o.token_ids == greedy_reference(model, p, 6)

@@ -58,10 +58,12 @@ def test_static_and_growing_caches_equal_no_cache(variant):
         stepwise(model, StaticCache(1, 10), ids, 7)
 
 
-def paged_logits(model, seqs: list[list[int]], block_size: int, chunks: list[list[int]], seed: int) -> list[torch.Tensor]:
+def paged_logits(model, seqs: list[list[int]], block_size: int, chunks: list[list[int]], seed: int,
+                 packed: bool = False) -> list[torch.Tensor]:
     """Run several sequences together through the paged pool, feeding chunk sizes chunks[i][step] per step
     (0 = the sequence sits this step out), with block ids handed out in a shuffled order so every table is
-    non-contiguous. Returns each sequence's logits for all its positions."""
+    non-contiguous; as rows of a padded batch, or (packed) back to back in one row. Returns each sequence's
+    logits for all its positions."""
     n_blocks = sum(-(-len(s) // block_size) for s in seqs) + 3
     cache = PagedKVCache(n_blocks, block_size)
     order = list(range(n_blocks))
@@ -78,15 +80,21 @@ def paged_logits(model, seqs: list[list[int]], block_size: int, chunks: list[lis
             while len(tables[i]) * block_size < done[i] + chunks[i][step]:
                 tables[i].append(cache.blocks.allocate())
         new = [chunks[i][step] for i in active]
-        T = max(new)
-        ids = torch.zeros(len(active), T, dtype=torch.long)
+        pieces = [seqs[i][done[i]:done[i] + n] for i, n in zip(active, new)]
+        args = [tables[i] for i in active], [done[i] for i in active], new
+        if packed:
+            with torch.no_grad():
+                logits = model(torch.tensor([sum(pieces, [])]), cache=cache.packed_view(*args)).logits[0]
+            rows = logits.split(new)
+        else:
+            ids = torch.zeros(len(active), max(new), dtype=torch.long)
+            for r, piece in enumerate(pieces):
+                ids[r, :len(piece)] = torch.tensor(piece)
+            with torch.no_grad():
+                logits = model(ids, cache=cache.batch_view(*args)).logits
+            rows = [logits[r, :n] for r, n in enumerate(new)]
         for r, i in enumerate(active):
-            ids[r, :new[r]] = torch.tensor(seqs[i][done[i]:done[i] + new[r]])
-        view = cache.batch_view([tables[i] for i in active], [done[i] for i in active], new)
-        with torch.no_grad():
-            logits = model(ids, cache=view).logits
-        for r, i in enumerate(active):
-            out[i].append(logits[r, :new[r]])
+            out[i].append(rows[r])
             done[i] += new[r]
     assert any(t != sorted(t) for t in tables if len(t) > 1), "block tables should be scattered"
     return [torch.cat(o) for o in out]
@@ -94,7 +102,8 @@ def paged_logits(model, seqs: list[list[int]], block_size: int, chunks: list[lis
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_cache_equals_no_cache(variant, block_size):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_paged_cache_equals_no_cache(variant, block_size, packed):
     model = model_for(variant)
     rng = random.Random(2)
     seqs = [[rng.randrange(model.cfg.vocab_size) for _ in range(n)] for n in (19, 6, 25)]
@@ -102,7 +111,7 @@ def test_paged_cache_equals_no_cache(variant, block_size):
     chunks = [[7, 5, 1, 1, 1, 1, 1, 1, 1], [0, 0, 3, 1, 1, 1], [4, 9, 1, 6, 1, 1, 1, 1, 1]]
     for s, c in zip(seqs, chunks):
         assert sum(c) == len(s)
-    outs = paged_logits(model, seqs, block_size, chunks, seed=block_size)
+    outs = paged_logits(model, seqs, block_size, chunks, seed=block_size, packed=packed)
     for s, o in zip(seqs, outs):
         torch.testing.assert_close(o, full_logits(model, s), **TOL)
 

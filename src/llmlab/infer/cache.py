@@ -190,6 +190,10 @@ class PagedKVCache:
         Its blocks must already cover cached[i] + new[i] tokens."""
         return PagedBatch(self, tables, cached, new)
 
+    def packed_view(self, tables: Sequence[Sequence[int]], cached: Sequence[int], new: Sequence[int]) -> PackedBatch:
+        """Like batch_view, but the sequences' new tokens come packed back to back in one [1, sum(new)] row."""
+        return PackedBatch(self, tables, cached, new)
+
 
 class PagedBatch:
     """What the model sees for one step over paged memory: every row's keys left-aligned (key k of row i is
@@ -201,6 +205,7 @@ class PagedBatch:
     follow one another in the pool, they are a view of the pool: no copy at all."""
 
     per_row = True
+    segments = None
 
     def __init__(self, cache: PagedKVCache, tables, cached, new):
         dev, bs = cache.device, cache.block_size
@@ -254,4 +259,52 @@ class PagedBatch:
                 keys = torch.index_select(src, 1, self.table.flatten(), out=buf.view(shape))
                 keys = keys.view(shape[0], B, -1, shape[-1])[:, :, :K]
             out.append(keys.transpose(0, 1).to(t.dtype))  # [B, h, K, d], each (row, head) contiguous
+        return tuple(out)
+
+
+class PackedBatch:
+    """Several sequences packed back to back into one row (the engine's prompt chunks): input [1, sum(new)], so
+    the matrix products see exactly the real tokens, however different the chunk lengths (a padded batch
+    computes rows × the longest chunk). Keys come back packed the same way, each sequence's cached and new keys
+    in turn, and `segments` tells the model which queries see which keys (attention runs segment by segment)."""
+
+    per_row = True
+
+    def __init__(self, cache: PagedKVCache, tables, cached, new):
+        dev, bs = cache.device, cache.block_size
+        self.cache, self.length = cache, 0
+        self.q_offset, self.key_valid, self.query_valid, self.key_pos = 0, None, None, None
+        total = [c + n for c, n in zip(cached, new)]
+        self.n_keys = sum(total)
+        self.segments, q0, k0 = [], 0, 0
+        for c, n, t in zip(cached, new, total):
+            self.segments.append((q0, q0 + n, k0, k0 + t, c))
+            q0, k0 = q0 + n, k0 + t
+        width = max(-(-t // bs) for t in total)
+        table = torch.tensor([list(t[:width]) + [0] * (width - len(t[:width])) for t in tables], device=dev)
+
+        def slots(starts, ends):  # pool slots of tokens starts[i]..ends[i]-1 of every sequence i, in turn
+            pos = torch.cat([torch.arange(a, b, device=dev) for a, b in zip(starts, ends)])
+            rows = torch.repeat_interleave(torch.arange(len(tables), device=dev),
+                                           torch.tensor([b - a for a, b in zip(starts, ends)], device=dev))
+            return table[rows, pos // bs] * bs + pos % bs, pos
+
+        self.write_slots, pos = slots(cached, total)
+        self.positions = pos[None]
+        # a lone sequence whose blocks follow one another in the pool reads its keys in place
+        first, n_blocks = tables[0][0], -(-total[0] // bs)
+        in_order = len(tables) == 1 and list(tables[0][:n_blocks]) == list(range(first, first + n_blocks))
+        self.run_start = first if in_order else None
+        self.read_slots = None if in_order else slots([0] * len(tables), total)[0]
+
+    def update(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = []
+        for pool, t in zip(self.cache.pool(layer, tensors), tensors):
+            pool[:, self.write_slots] = t[0].to(pool.dtype)  # t [1, h, sum(new), d]
+            if self.run_start is None:
+                keys = torch.index_select(pool, 1, self.read_slots)
+            else:
+                start = self.run_start * self.cache.block_size
+                keys = pool[:, start:start + self.n_keys]
+            out.append(keys[None].to(t.dtype))  # [1, h, sum(cached + new), d]
         return tuple(out)

@@ -6,7 +6,7 @@
         for out in engine.step(): ...          # RequestOutputs of the requests that advanced
 
 A step runs the scheduler's batch through the model over the paged KV pool (decodes in one forward, prompt
-chunks in as many more as keep padding low: see scheduler.split_padded), samples the next token of every
+chunks packed back to back into one more, so no padding is computed), samples the next token of every
 sequence whose tokens are all computed, and checks each for its end: EOS, a stop id, a stop string (found
 across token boundaries in the decoded text and cut off), max_tokens or the context window. Text is decoded
 incrementally; while a sequence runs, the tail that could still become a stop string is held back, so streamed
@@ -25,15 +25,9 @@ from ..model.cost import kv_cache_bytes_per_token
 from .cache import PagedKVCache
 from .params import CompletionOutput, Logprob, RequestOutput, SamplingParams
 from .sampling import SamplerRow, prompt_logprobs, sample
-from .scheduler import Scheduler, Sequence, split_padded
+from .scheduler import Scheduler, Sequence
 
 DEFAULT_KV_MEMORY = 256 * 2**20
-# A forward's fixed cost in prompt tokens, for splitting prompt chunks of unequal lengths into forwards. On a
-# CPU: about what one decode step of the 15.7M benchmark model costs against a prefill token on 2 cores. A GPU
-# computes padding almost for free next to its per-kernel launch cost, so there it is far larger (a guess: no
-# GPU measured it).
-PREFILL_FORWARD_COST = 48
-PREFILL_FORWARD_COST_GPU = 4096
 
 
 @dataclass(eq=False)
@@ -196,9 +190,8 @@ class Engine:
         touched: dict[str, Request] = {}
         if decode:
             self._run(decode, touched)
-        fixed = PREFILL_FORWARD_COST if self.device.type == "cpu" else PREFILL_FORWARD_COST_GPU
-        for rows in split_padded([n for _, n in prefill], fixed):
-            self._run([prefill[i] for i in rows], touched)
+        if prefill:
+            self._run(prefill, touched, packed=True)
         if self.contiguous:
             self.scheduler.compact()
         outputs = [self._output(r) for r in touched.values()]
@@ -207,27 +200,38 @@ class Engine:
                 del self.requests[r.request_id]
         return outputs
 
-    def _run(self, group: list[tuple[Sequence, int]], touched: dict[str, Request]) -> None:
+    def _run(self, group: list[tuple[Sequence, int]], touched: dict[str, Request], packed: bool = False) -> None:
+        """One forward over the group: a [B, max(new)] batch with padding on the right, or (packed) every
+        sequence's new tokens back to back in one row, which computes no padding at all (prompt chunks)."""
         seqs, new = [s for s, _ in group], [n for _, n in group]
         cached = [s.num_computed for s in seqs]
-        T = max(new)
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)  # left-aligned rows, padding on the right
-        for i, (s, c, n) in enumerate(zip(seqs, cached, new)):
-            ids[i, :n] = torch.tensor(s.token_ids[c:c + n])
-        view = self.cache.batch_view([s.block_table for s in seqs], cached, new)
+        tables = [s.block_table for s in seqs]
+        if packed:
+            ids = torch.tensor([t for s, c, n in zip(seqs, cached, new) for t in s.token_ids[c:c + n]])[None]
+            view = self.cache.packed_view(tables, cached, new)
+            starts = list(itertools.accumulate(new, initial=0))
+            where = [(0, a) for a in starts]  # token t of sequence i is h[row, start + t]
+        else:
+            ids = torch.zeros(len(seqs), max(new), dtype=torch.long)
+            for i, (s, c, n) in enumerate(zip(seqs, cached, new)):
+                ids[i, :n] = torch.tensor(s.token_ids[c:c + n])
+            view = self.cache.batch_view(tables, cached, new)
+            where = [(i, 0) for i in range(len(seqs))]
         h = self.model(ids.to(self.device), cache=view, return_logits=False).hidden_states
-        ready = []  # rows whose every token is now computed: they sample
+        ready = []  # sequences whose every token is now computed: they sample
         for i, (s, n) in enumerate(zip(seqs, new)):
             self.scheduler.computed(s, n)
             req, _ = self._sample_of[s.seq_id]
             if req.params.prompt_logprobs is not None and len(req.prompt_logprobs or ()) < len(req.prompt_ids):
-                self._prompt_logprobs(req, h[i, :n], cached[i])
+                row, start = where[i]
+                self._prompt_logprobs(req, h[row, start:start + n], cached[i])
             if s.num_uncomputed == 0:
                 ready.append(i)
         if not ready:
             return
-        last = torch.tensor([new[i] - 1 for i in ready], device=h.device)
-        logits = self.model.head(h[ready, last]).float()
+        rows = torch.tensor([where[i][0] for i in ready], device=h.device)
+        last = torch.tensor([where[i][1] + new[i] - 1 for i in ready], device=h.device)
+        logits = self.model.head(h[rows, last]).float()
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         rows, owners = [], []

@@ -198,24 +198,3 @@ class Scheduler:
                          list(parent.block_hashes), parent.num_computed)
         self.add_running(child)
         return child
-
-
-def split_padded(lengths: list[int], fixed_cost: int) -> list[list[int]]:
-    """Group rows into forwards so that Σ over forwards of (fixed_cost + rows · longest) is least.
-
-    One forward pads every row to its longest, so prompt chunks of very different lengths in one batch compute
-    mostly padding, while each extra forward pays a fixed cost (reading every weight once, the per-op
-    overhead), given in tokens. Some optimal grouping takes runs of the rows sorted by length (moving a longer
-    row into the group of the longest never costs more), so a dynamic program over the sorted rows finds it
-    in O(n²). Returns lists of indices into `lengths`."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    best = [0] + [0] * len(order)  # best[j]: least cost of the j shortest rows
-    cut = [0] * (len(order) + 1)  # where best[j]'s last group starts
-    for j in range(1, len(order) + 1):
-        longest = lengths[order[j - 1]]
-        best[j], cut[j] = min((best[i] + fixed_cost + (j - i) * longest, i) for i in range(j))
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]

@@ -39,6 +39,13 @@ def attend(
 
     Padding queries get an output of exactly zero (and no gradient): a left-padding query may see no key at
     all, and each backend would otherwise fill that row differently."""
+    if mask.segments is not None:  # a packed batch: each sequence attends to its own keys
+        if need_weights:
+            raise ValueError("attention probabilities are not available for a packed batch; run the sequences "
+                             "as rows of a padded batch instead")
+        outs = [attend(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], mask.segment(offset, q1 - q0, k1 - k0), cfg,
+                       scale, training)[0] for q0, q1, k0, k1, offset in mask.segments]
+        return torch.cat(outs, dim=2), None
     dropout = cfg.attn_dropout if training else 0.0
     backend = "math" if need_weights else cfg.attn_backend
     probs = None

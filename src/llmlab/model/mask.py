@@ -33,12 +33,21 @@ class AttentionMask:
     alibi: torch.Tensor | None = None  # [H] ALiBi slopes: bias -slope·|i - j|
     document_ids: torch.Tensor | None = None  # [B, T]: packed documents; a query sees keys of its own document
     query_valid: torch.Tensor | None = None  # [B, T] False for padding queries (default: from key_valid)
+    # A packed batch (one row holding several sequences back to back, the engine's prompt chunks): a list of
+    # (q0, q1, k0, k1, offset), queries q0:q1 of the row see only keys k0:k1, as one sequence whose first query
+    # sits at index `offset` among them. Attention then runs segment by segment (see segment()).
+    segments: list[tuple[int, int, int, int, int]] | None = None
 
     @property
     def is_trivial(self) -> bool:
         """Nothing but (optionally) plain causality with queries aligned to the end of the keys."""
         return (self.key_valid is None and self.prefix_len is None and self.window is None and self.alibi is None
                 and self.document_ids is None and not isinstance(self.q_offset, torch.Tensor))
+
+    def segment(self, offset: int, n_queries: int, n_keys: int) -> AttentionMask:
+        """The mask of one segment of a packed batch: causality, window and ALiBi as for a lone sequence."""
+        return AttentionMask(causal=self.causal, n_queries=n_queries, n_keys=n_keys, q_offset=offset,
+                             window=self.window, alibi=self.alibi)
 
     def real_queries(self) -> torch.Tensor | None:
         """[B, T] bool, False for padding queries (None: all are real)."""

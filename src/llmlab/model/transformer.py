@@ -144,12 +144,12 @@ class Transformer(nn.Module):
                 idx = torch.arange(T, device=input_ids.device).expand(B, T)
                 starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)
                 position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values
-        query_valid, n_keys = None, offset + T
+        query_valid, n_keys, segments = None, offset + T, None
         if getattr(cache, "per_row", False):
-            # An inference-engine batch: rows of different lengths, each with its keys left-aligned; the cache
-            # view knows every row's offset, key validity and positions.
+            # An inference-engine batch: rows of different lengths, each with its keys left-aligned, or several
+            # sequences packed into one row; the cache view knows offsets, key validity, positions and segments.
             offset, n_keys, key_valid, query_valid = cache.q_offset, cache.n_keys, cache.key_valid, cache.query_valid
-            positions = cache.positions
+            positions, segments = cache.positions, cache.segments
         else:
             key_valid, positions = self._keys_and_positions(input_ids, attention_mask, position_ids, cache, offset)
 
@@ -176,7 +176,7 @@ class Transformer(nn.Module):
             causal=cfg.is_causal, n_queries=T, n_keys=n_keys, q_offset=offset, key_valid=key_valid,
             query_valid=query_valid,
             key_pos=key_pos, prefix_len=prefix_len, window=cfg.sliding_window,
-            alibi=self.alibi if cfg.position == "alibi" else None, document_ids=document_ids,
+            alibi=self.alibi if cfg.position == "alibi" else None, document_ids=document_ids, segments=segments,
         )
 
         aux_total, attentions = None, [] if need_weights else None
