@@ -8,16 +8,19 @@ from llmlab.model.linear import FEW_ROWS, Linear
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 24), (2, 24), (3, 5, 24), (FEW_ROWS, 24), (FEW_ROWS + 1, 24), (0, 24)])
-def test_linear_equals_the_formula_for_any_row_count(shape, bias):
+@pytest.mark.parametrize("rows", [(1,), (1, 1), (2,), (3, 5), (FEW_ROWS,), (FEW_ROWS + 1,), (0,)])
+@pytest.mark.parametrize("dims", [(24, 40), (40, 24)], ids=["wide", "narrow"])
+def test_linear_equals_the_formula_for_any_row_count(rows, dims, bias):
     torch.manual_seed(0)
-    layer = Linear(24, 40, bias=bias)
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    d_in, d_out = dims
+    layer = Linear(d_in, d_out, bias=bias)
+    x = torch.randn(*rows, d_in, dtype=torch.float64, requires_grad=True)
     layer = layer.double()
     y = layer(x)
     ref = x @ layer.weight.t() + (layer.bias if bias else 0)
-    assert y.shape == (*shape[:-1], 40) and y.is_contiguous()
-    assert y._base is None  # a tensor of its own, as F.linear returns: LoRA adds into it in place
+    assert y.shape == (*rows, d_out) and y.is_contiguous()
+    # a tensor of its own wherever F.linear returns one (LoRA adds into the result in place)
+    assert y._base is None or F.linear(x, layer.weight, layer.bias)._base is not None
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, layer.weight), g)
