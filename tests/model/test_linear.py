@@ -32,3 +32,16 @@ def test_linear_equals_the_formula_for_any_row_count(rows, dims, bias):
 def test_linear_keeps_nn_linear_parameters_and_state_dict():
     a, b = torch.nn.Linear(8, 4), Linear(8, 4)
     assert isinstance(b, torch.nn.Linear) and a.state_dict().keys() == b.state_dict().keys()
+
+
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 7), (FEW_ROWS + 1,)])
+def test_linear_without_row_major_output_gives_the_same_values(rows):
+    """The few-row result left transposed in memory: same values, and the next Linear takes it as it is."""
+    torch.manual_seed(0)
+    first, second = Linear(24, 40).double(), Linear(40, 8).double()
+    x = torch.randn(*rows, 24, dtype=torch.float64)
+    ref = first(x)
+    first.row_major_output = False
+    y = first(x)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(second(torch.relu(y)), second(torch.relu(ref)))

@@ -92,6 +92,7 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.dim, qkv_out, bias=cfg.qkv_bias)
         self.out = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attn_out_bias)
         self.out.is_residual_projection = True
+        self.out.row_major_output = False  # a residual add follows
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = 1.0 / math.sqrt(cfg.head_dim)

@@ -23,7 +23,12 @@ FEW_ROWS = 96  # up to this many rows the transposed product is faster (see abov
 
 
 class Linear(nn.Linear):
-    """A drop-in nn.Linear (same parameters and state dict) that picks the faster CPU product by row count."""
+    """A drop-in nn.Linear (same parameters and state dict) that picks the faster CPU product by row count.
+
+    row_major_output=False lets the caller take the few-row result as the product leaves it, transposed in
+    memory, and skip the copy back (elementwise ops and a following Linear take that layout as it is)."""
+
+    row_major_output = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
@@ -36,5 +41,5 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         xt = x.reshape(rows, self.in_features).t()
         y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-        # copied last, so the result is a tensor of its own as F.linear's is, not a view (LoRA adds into it in place)
-        return y.t().view(*x.shape[:-1], self.out_features).contiguous()
+        y = y.t().view(*x.shape[:-1], self.out_features)
+        return y.contiguous() if self.row_major_output else y

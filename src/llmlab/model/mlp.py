@@ -31,6 +31,7 @@ class MLP(nn.Module):
         self.up = Linear(cfg.dim, hidden * (2 if self.gated else 1), bias=cfg.mlp_bias)
         self.down = Linear(hidden, cfg.dim, bias=cfg.mlp_bias)
         self.down.is_residual_projection = True
+        self.up.row_major_output = self.down.row_major_output = False  # elementwise ops and a residual add follow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)

@@ -172,7 +172,7 @@ class LoraLinear(nn.Module):
         return adapted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        out = self.base_layer(x).contiguous()  # its own memory, row-major: the parts add into it in place
         name = self.active
         if name is None or name in self.merged:
             return out
