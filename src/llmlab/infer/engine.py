@@ -229,9 +229,9 @@ class Engine:
                 ready.append(i)
         if not ready:
             return
-        rows = torch.tensor([where[i][0] for i in ready], device=h.device)
+        row_of = torch.tensor([where[i][0] for i in ready], device=h.device)
         last = torch.tensor([where[i][1] + new[i] - 1 for i in ready], device=h.device)
-        logits = self.model.head(h[rows, last]).float()
+        logits = self.model.head(h[row_of, last]).float()
         if self.vocab_limit is not None:
             logits[:, self.vocab_limit:] = float("-inf")
         rows, owners = [], []
