@@ -195,6 +195,19 @@ class PagedKVCache:
         return PackedBatch(self, tables, cached, new)
 
 
+def block_table(tables: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:
+    """[B, width] block ids: each table cut to width or padded with block 0 (slots past a sequence's end are
+    never written, and the keys read from them are masked or cut off)."""
+    return torch.tensor([list(t[:width]) + [0] * (width - len(t[:width])) for t in tables], device=device)
+
+
+def consecutive_start(table: Sequence[int], n_blocks: int) -> int | None:
+    """The first block when a sequence's first n_blocks blocks follow one another in the pool (as a fresh pool
+    hands them out): its keys are then one slice of the pool, read in place. None otherwise."""
+    first = table[0]
+    return first if list(table[:n_blocks]) == list(range(first, first + n_blocks)) else None
+
+
 class PagedBatch:
     """What the model sees for one step over paged memory: every row's keys left-aligned (key k of row i is
     its token k), so row i's queries sit at offset cached[i]; the model takes offsets, key validity and
@@ -216,13 +229,9 @@ class PagedBatch:
         self.cache, self.length = cache, 0
         self.n_keys = K = max(c + n for c, n in zip(cached, new))
         n_blocks = -(-K // bs)
-        self.table = torch.tensor([list(t[:n_blocks]) + [0] * (n_blocks - len(t[:n_blocks])) for t in tables],
-                                  device=dev)
+        self.table = block_table(tables, n_blocks, dev)
         self.view_rows = n_blocks == 1 and all(t[0] == i for i, t in enumerate(tables))
-        # a lone sequence whose blocks follow one another in the pool (as a fresh pool hands them out)
-        first = tables[0][0] if B == 1 and n_blocks > 1 else None
-        in_order = first is not None and list(tables[0][:n_blocks]) == list(range(first, first + n_blocks))
-        self.run_start = first if in_order else None
+        self.run_start = consecutive_start(tables[0], n_blocks) if B == 1 and n_blocks > 1 else None
         steps = torch.arange(T, device=dev)
         self.positions = torch.minimum(cached_t[:, None] + steps, (total - 1)[:, None])  # padding: any real one
         uniform = len(set(cached)) == 1 and len(set(new)) == 1
@@ -280,8 +289,7 @@ class PackedBatch:
         for c, n, t in zip(cached, new, total):
             self.segments.append((q0, q0 + n, k0, k0 + t, c))
             q0, k0 = q0 + n, k0 + t
-        width = max(-(-t // bs) for t in total)
-        table = torch.tensor([list(t[:width]) + [0] * (width - len(t[:width])) for t in tables], device=dev)
+        table = block_table(tables, max(-(-t // bs) for t in total), dev)
 
         def slots(starts, ends):  # pool slots of tokens starts[i]..ends[i]-1 of every sequence i, in turn
             pos = torch.cat([torch.arange(a, b, device=dev) for a, b in zip(starts, ends)])
@@ -291,11 +299,8 @@ class PackedBatch:
 
         self.write_slots, pos = slots(cached, total)
         self.positions = pos[None]
-        # a lone sequence whose blocks follow one another in the pool reads its keys in place
-        first, n_blocks = tables[0][0], -(-total[0] // bs)
-        in_order = len(tables) == 1 and list(tables[0][:n_blocks]) == list(range(first, first + n_blocks))
-        self.run_start = first if in_order else None
-        self.read_slots = None if in_order else slots([0] * len(tables), total)[0]
+        self.run_start = consecutive_start(tables[0], -(-total[0] // bs)) if len(tables) == 1 else None
+        self.read_slots = None if self.run_start is not None else slots([0] * len(tables), total)[0]
 
     def update(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
