@@ -47,7 +47,7 @@ def corpus(mb: float) -> tuple[list[str], list[str], dict[str, list[str]]]:
     held = {"english": english[::20], "chinese": chinese[::20]}
     train_lines = [x for i, x in enumerate(english) if i % 20] + [x for i, x in enumerate(chinese) if i % 20]
     random.Random(0).shuffle(train_lines)  # mix the languages within any prefix
-    share = {k: len(v) / max(1, sum(map(len, held.values()))) for k, v in held.items()}
+    share = {k: _mb(v) / max(1e-9, sum(map(_mb, held.values()))) for k, v in held.items()}  # by bytes
     held = {k: _cut(v, share[k]) for k, v in held.items() if v}
     return _cut(train_lines, mb), [x for v in held.values() for x in v], held
 

@@ -271,6 +271,42 @@ def test_normalizer_matches_hf(opts):
             assert ours.normalize(s) == hf.normalize_str(s), hex(cp)
 
 
+# Characters that exercise every step: controls, whitespace of all kinds, CJK, accents (precomposed and
+# combining), case pairs with multi-character lower forms, and the non-Mn combining marks (classes 216 and 226)
+# whose order NFD's canonical reordering changes.
+_ALPHABET = ("aZ \t\n\r\x0b\x1c\x00\ufffd\u200b\u3000\xa0,.!$€-_机器学习éÉñ\u0301\u0327\u0308İΣςǅ"
+             "\U0001d165\U0001d16d\U0001d166\u302e\u302f\u0f71")
+
+
+def _bert_normalize_by_definition(text, clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                  lowercase=True):
+    """BertNormalizer written straight from its definition, one step over the whole text at a time."""
+    import unicodedata
+
+    if clean_text:
+        text = "".join(" " if c in "\t\n\r \x0b\x0c\x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                       or "\u2000" <= c <= "\u200a" else c for c in text
+                       if c not in "\x00\ufffd" and (c in "\t\n\r" or unicodedata.category(c) not in
+                                                     ("Cc", "Cf", "Co", "Cs")))
+    if handle_chinese_chars:
+        text = "".join(f" {c} " if "\u4e00" <= c <= "\u9fff" else c for c in text)
+    if strip_accents or (strip_accents is None and lowercase):
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    if lowercase:
+        text = "".join(c.lower() for c in text)
+    return text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=_ALPHABET, max_size=30), st.sampled_from([{}, {"lowercase": False},
+                                                                 {"strip_accents": True, "lowercase": False},
+                                                                 {"strip_accents": False}]))
+def test_normalizer_table_equals_definition(text, opts):
+    """The one-pass translate table (and its step-by-step fall-back when marks could be reordered) equals the
+    normalizer applied step by step to the whole text, e.g. "\U0001d16d\U0001d165", which NFD reorders."""
+    assert BertNormalizer(**opts).normalize(text) == _bert_normalize_by_definition(text, **opts)
+
+
 def test_pretokenizer_matches_hf():
     from tokenizers import pre_tokenizers
 

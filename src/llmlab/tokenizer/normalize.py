@@ -64,16 +64,36 @@ def is_punctuation(c: str) -> bool:
     return c in _ASCII_PUNCT or unicodedata.category(c).startswith("P")
 
 
+class CharTable(dict):
+    """A `str.translate` table built on demand: the first time a character is seen, `rule(char)` gives its
+    replacement (a string, "" to delete) and the answer is kept. A text then costs one C-level pass instead of
+    Python code per character, and stays exactly what the per-character rule says."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = rule
+
+    def __missing__(self, cp: int) -> str:
+        out = self[cp] = self.rule(chr(cp))
+        return out
+
+
+def _clean_char(c: str) -> str:
+    return "" if c == "\x00" or c == "\ufffd" or is_control(c) else " " if c in _WHITE_SPACE else c
+
+
+_CLEAN = CharTable(_clean_char)
+_CHINESE = CharTable(lambda c: f" {c} " if is_chinese_char(c) else c)
+_LOWER = CharTable(str.lower)  # per character: no final-sigma rule
+_DROP_MARKS = CharTable(lambda c: "" if unicodedata.category(c).startswith("M") else c)
+
+
 def clean_text(text: str) -> str:
-    return "".join(
-        " " if c in _WHITE_SPACE else c
-        for c in text
-        if c != "\x00" and c != "\ufffd" and not is_control(c)
-    )
+    return text.translate(_CLEAN)
 
 
 def handle_chinese_chars(text: str) -> str:
-    return "".join(f" {c} " if is_chinese_char(c) else c for c in text)
+    return text.translate(_CHINESE)
 
 
 def strip_accents(text: str) -> str:
@@ -81,7 +101,16 @@ def strip_accents(text: str) -> str:
 
 
 def lowercase(text: str) -> str:
-    return "".join(c.lower() for c in text)
+    return text.translate(_LOWER)
+
+
+def _reorderable(c: str) -> bool:
+    """Whether c's decomposition keeps a combining mark (class > 0) that is not Mn, i.e. one that survives
+    strip_accents and that NFD's canonical ordering could move past another such mark."""
+    return any(unicodedata.combining(d) and unicodedata.category(d) != "Mn" for d in unicodedata.normalize("NFD", c))
+
+
+_BERT_TABLES: dict[tuple, CharTable] = {}
 
 
 class BertNormalizer:
@@ -98,20 +127,40 @@ class BertNormalizer:
         self.handle_chinese_chars = bool(handle_chinese_chars)
         self.strip_accents = None if strip_accents is None else bool(strip_accents)
         self.lowercase = bool(lowercase)
+        self._strip = self.strip_accents or (self.strip_accents is None and self.lowercase)
+        # Every step is a per-character map except NFD's canonical reordering of combining marks, so the whole
+        # normalizer is one translate table (shared by instances with the same options); texts holding marks
+        # that reordering could move take the step-by-step path.
+        key = (self.clean_text, self.handle_chinese_chars, self._strip, self.lowercase)
+        if key not in _BERT_TABLES:
+            _BERT_TABLES[key] = CharTable(self._normalize_char)
+            _BERT_TABLES[key].reorderable = set()
+        self._table = _BERT_TABLES[key]
 
     def __call__(self, text: str) -> str:
         return self.normalize(text)
 
-    def normalize(self, text: str) -> str:
+    def _normalize_char(self, c: str) -> str:
+        if self._strip and _reorderable(c):
+            self._table.reorderable.add(c)
+        return self._normalize_steps(c)
+
+    def _normalize_steps(self, text: str) -> str:
         if self.clean_text:
             text = clean_text(text)
         if self.handle_chinese_chars:
             text = handle_chinese_chars(text)
-        if self.strip_accents or (self.strip_accents is None and self.lowercase):
+        if self._strip:
             text = strip_accents(text)
         if self.lowercase:
             text = lowercase(text)
         return text
+
+    def normalize(self, text: str) -> str:
+        out = text.translate(self._table)
+        if self._table.reorderable and not self._table.reorderable.isdisjoint(text):
+            return self._normalize_steps(text)
+        return out
 
     def to_hf(self) -> dict:
         return {
@@ -138,25 +187,14 @@ class BertNormalizer:
         return cls(strip_accents=sa, **opts)
 
 
+# Whitespace becomes one space and each punctuation character gets a space on both sides; splitting on " "
+# then gives exactly BertPreTokenizer's pieces.
+_BERT_SPLIT = CharTable(lambda c: " " if c in _WHITE_SPACE else f" {c} " if is_punctuation(c) else c)
+
+
 def bert_pretokenize(text: str) -> list[str]:
     """Split on whitespace (removed) and isolate each punctuation character, like BertPreTokenizer."""
-    pieces: list[str] = []
-    cur: list[str] = []
-    for c in text:
-        if c in _WHITE_SPACE:
-            if cur:
-                pieces.append("".join(cur))
-                cur = []
-        elif is_punctuation(c):
-            if cur:
-                pieces.append("".join(cur))
-                cur = []
-            pieces.append(c)
-        else:
-            cur.append(c)
-    if cur:
-        pieces.append("".join(cur))
-    return pieces
+    return [p for p in text.translate(_BERT_SPLIT).split(" ") if p]
 
 
 # --- the pipeline's normalizers, one class per tokenizer.json "type" --------------------------------------
@@ -189,7 +227,7 @@ class StripAccents:
     """Drop combining marks (M* categories); put NFD in front to strip accents from precomposed letters."""
 
     def __call__(self, text: str) -> str:
-        return "".join(c for c in text if not unicodedata.category(c).startswith("M"))
+        return text.translate(_DROP_MARKS)
 
     def to_hf(self) -> dict:
         return {"type": "StripAccents"}
