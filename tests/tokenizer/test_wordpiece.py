@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llmlab.tokenizer import load, train
@@ -393,9 +393,12 @@ def test_vocab_txt_round_trip(tmp_path, tok):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="abcdé", min_size=1, max_size=12))
+@given(st.text(alphabet="abcdé#", min_size=1, max_size=12))
+@example("##abc")
+@example("a##abc")
 def test_oov_handling_property(word):
-    """Any word over an alphabet the vocab only partly covers: ours = brute-force reference = `tokenizers`."""
+    """Any word over an alphabet the vocab only partly covers: ours = brute-force reference = `tokenizers`.
+    "#" lets a word itself start with "##abc", a 5-character match at its start."""
     from tokenizers import models
 
     pieces = ["[UNK]", "a", "b", "ab", "abc", "##a", "##b", "##c", "##bc", "##abc", "c", "##ca"]

@@ -41,6 +41,10 @@ class WordPiece(VocabModel):
         self.unk_token, self.unk_id = unk_token, self.vocab[unk_token]
         self.prefix = continuing_subword_prefix
         self.max_input_chars_per_word = max_input_chars_per_word
+        # the longest possible match, in characters of the word, at its start and after it: no longer one is tried
+        self._longest_first = max(map(len, self.vocab))
+        self._longest_next = max((len(t) - len(self.prefix) for t in self.vocab if t.startswith(self.prefix)),
+                                 default=0)
 
     def _tokenize(self, word: str) -> list[int]:
         """Greedy longest-match-first split of one pre-token, exactly as `tokenizers`' WordPiece model."""
@@ -48,7 +52,7 @@ class WordPiece(VocabModel):
             return [self.unk_id]
         ids, start, n, vocab = [], 0, len(word), self.vocab
         while start < n:
-            end, found = n, None
+            end, found = min(n, start + (self._longest_next if start else self._longest_first)), None
             while start < end:
                 sub = word[start:end] if start == 0 else self.prefix + word[start:end]
                 found = vocab.get(sub)
