@@ -307,6 +307,17 @@ def test_normalizer_table_equals_definition(text, opts):
     assert BertNormalizer(**opts).normalize(text) == _bert_normalize_by_definition(text, **opts)
 
 
+def test_char_table_stays_bounded(monkeypatch):
+    from llmlab.tokenizer import normalize
+
+    monkeypatch.setattr(normalize, "CACHE_LIMIT", 50)
+    table = normalize.CharTable(str.upper)
+    text = "".join(map(chr, range(0x61, 0x61 + 26))) + "".join(map(chr, range(0x3b1, 0x3b1 + 25))) * 3 + "abc"
+    assert len(set(text)) == 51  # one more than the table may hold
+    assert text.translate(table) == text.upper()
+    assert len(table) <= 50
+
+
 def test_pretokenizer_matches_hf():
     from tokenizers import pre_tokenizers
 

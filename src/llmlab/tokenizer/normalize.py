@@ -22,6 +22,8 @@ import unicodedata
 
 import regex
 
+from .vocab import CACHE_LIMIT
+
 # Unicode White_Space property (what Rust's char::is_whitespace tests).
 _WHITE_SPACE = frozenset(
     "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
@@ -74,6 +76,8 @@ class CharTable(dict):
         self.rule = rule
 
     def __missing__(self, cp: int) -> str:
+        if len(self) >= CACHE_LIMIT:  # a text of every code point should not keep them all
+            self.clear()
         out = self[cp] = self.rule(chr(cp))
         return out
 
