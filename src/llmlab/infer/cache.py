@@ -208,6 +208,15 @@ def consecutive_start(table: Sequence[int], n_blocks: int) -> int | None:
     return first if list(table[:n_blocks]) == list(range(first, first + n_blocks)) else None
 
 
+def consecutive_slots(table: Sequence[int], start: int, n: int, block_size: int) -> int | None:
+    """The pool slot of token `start` of a sequence when its tokens start..start+n-1 sit in consecutive slots
+    (their blocks follow one another in the pool): they are then written as one slice, not slot by slot."""
+    blocks = list(table[start // block_size:(start + n - 1) // block_size + 1])
+    if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+        return None
+    return blocks[0] * block_size + start % block_size
+
+
 class PagedBatch:
     """What the model sees for one step over paged memory: every row's keys left-aligned (key k of row i is
     its token k), so row i's queries sit at offset cached[i]; the model takes offsets, key validity and
@@ -232,6 +241,7 @@ class PagedBatch:
         self.table = block_table(tables, n_blocks, dev)
         self.view_rows = n_blocks == 1 and all(t[0] == i for i, t in enumerate(tables))
         self.run_start = consecutive_start(tables[0], n_blocks) if B == 1 and n_blocks > 1 else None
+        self.write_start = consecutive_slots(tables[0], cached[0], new[0], bs) if B == 1 else None
         steps = torch.arange(T, device=dev)
         self.positions = torch.minimum(cached_t[:, None] + steps, (total - 1)[:, None])  # padding: any real one
         uniform = len(set(cached)) == 1 and len(set(new)) == 1
@@ -255,7 +265,10 @@ class PagedBatch:
             # t [B, h, T, d]: the real tokens go to their slots, then every row's keys come back left-aligned
             new = t.transpose(0, 1)  # [h, B, T, d]
             new = new.flatten(1, 2) if self.written is None else new[:, self.written]
-            pool[:, self.write_slots] = new.to(pool.dtype)
+            if self.write_start is None:
+                pool[:, self.write_slots] = new.to(pool.dtype)
+            else:
+                pool[:, self.write_start:self.write_start + new.shape[1]] = new
             blocks = pool.view(pool.shape[0], -1, bs, pool.shape[-1])  # [h, num_blocks, bs, d]
             if self.view_rows:
                 keys = blocks[:, :B, :K]
@@ -300,12 +313,16 @@ class PackedBatch:
         self.write_slots, pos = slots(cached, total)
         self.positions = pos[None]
         self.run_start = consecutive_start(tables[0], -(-total[0] // bs)) if len(tables) == 1 else None
+        self.write_start = consecutive_slots(tables[0], cached[0], new[0], bs) if len(tables) == 1 else None
         self.read_slots = None if self.run_start is not None else slots([0] * len(tables), total)[0]
 
     def update(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
         for pool, t in zip(self.cache.pool(layer, tensors), tensors):
-            pool[:, self.write_slots] = t[0].to(pool.dtype)  # t [1, h, sum(new), d]
+            if self.write_start is None:
+                pool[:, self.write_slots] = t[0].to(pool.dtype)  # t [1, h, sum(new), d]
+            else:
+                pool[:, self.write_start:self.write_start + t.shape[2]] = t[0]
             if self.run_start is None:
                 keys = torch.index_select(pool, 1, self.read_slots)
             else:

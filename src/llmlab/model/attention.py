@@ -100,11 +100,15 @@ class Attention(nn.Module):
     def forward(self, x, rope: Rope, mask: AttentionMask, cache=None, layer: int = 0, need_weights=False):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2).split((H, Hkv, Hkv), dim=1)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+        if self.q_norm is None and rope is not None:  # q and k are adjacent heads: rotate them in one pass
+            (q, k), v = apply_rotary(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1), qkv[:, H + Hkv:]
+        else:
+            q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y, probs = attend(q, k, v, mask, self.cfg, self.scale, self.training, need_weights)

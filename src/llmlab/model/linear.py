@@ -36,7 +36,8 @@ class Linear(nn.Linear):
             # one row through a wide weight: the row twice, as a two-column product (see the module docstring)
             xt = x.reshape(1, self.in_features).expand(2, self.in_features).contiguous().t()
             y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-            return y[:, 0].view(*x.shape[:-1], self.out_features).contiguous()
+            y = y[:, 0].view(*x.shape[:-1], self.out_features)
+            return y.contiguous() if self.row_major_output else y
         if x.device.type != "cpu" or not 2 <= rows <= FEW_ROWS or self.out_features == 1:
             return F.linear(x, self.weight, self.bias)
         xt = x.reshape(rows, self.in_features).t()
