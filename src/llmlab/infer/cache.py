@@ -212,7 +212,7 @@ def consecutive_slots(table: Sequence[int], start: int, n: int, block_size: int)
     """The pool slot of token `start` of a sequence when its tokens start..start+n-1 sit in consecutive slots
     (their blocks follow one another in the pool): they are then written as one slice, not slot by slot."""
     blocks = list(table[start // block_size:(start + n - 1) // block_size + 1])
-    if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+    if not blocks or blocks != list(range(blocks[0], blocks[0] + len(blocks))):
         return None
     return blocks[0] * block_size + start % block_size
 
