@@ -217,6 +217,15 @@ def consecutive_slots(table: Sequence[int], start: int, n: int, block_size: int)
     return blocks[0] * block_size + start % block_size
 
 
+def write_tokens(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, start: int | None) -> None:
+    """new [h, n, d] into the pool's slots: one slice when they are consecutive (start, from consecutive_slots),
+    else slot by slot."""
+    if start is None:
+        pool[:, slots] = new.to(pool.dtype)
+    else:
+        pool[:, start:start + new.shape[1]] = new
+
+
 class PagedBatch:
     """What the model sees for one step over paged memory: every row's keys left-aligned (key k of row i is
     its token k), so row i's queries sit at offset cached[i]; the model takes offsets, key validity and
@@ -265,10 +274,7 @@ class PagedBatch:
             # t [B, h, T, d]: the real tokens go to their slots, then every row's keys come back left-aligned
             new = t.transpose(0, 1)  # [h, B, T, d]
             new = new.flatten(1, 2) if self.written is None else new[:, self.written]
-            if self.write_start is None:
-                pool[:, self.write_slots] = new.to(pool.dtype)
-            else:
-                pool[:, self.write_start:self.write_start + new.shape[1]] = new
+            write_tokens(pool, new, self.write_slots, self.write_start)
             blocks = pool.view(pool.shape[0], -1, bs, pool.shape[-1])  # [h, num_blocks, bs, d]
             if self.view_rows:
                 keys = blocks[:, :B, :K]
@@ -319,10 +325,7 @@ class PackedBatch:
     def update(self, layer: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
         for pool, t in zip(self.cache.pool(layer, tensors), tensors):
-            if self.write_start is None:
-                pool[:, self.write_slots] = t[0].to(pool.dtype)  # t [1, h, sum(new), d]
-            else:
-                pool[:, self.write_start:self.write_start + t.shape[2]] = t[0]
+            write_tokens(pool, t[0], self.write_slots, self.write_start)  # t [1, h, sum(new), d]
             if self.run_start is None:
                 keys = torch.index_select(pool, 1, self.read_slots)
             else:

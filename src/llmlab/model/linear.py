@@ -32,15 +32,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        if rows == 1 and self.out_features >= self.in_features > 0 and x.device.type == "cpu":
-            # one row through a wide weight: the row twice, as a two-column product (see the module docstring)
-            xt = x.reshape(1, self.in_features).expand(2, self.in_features).contiguous().t()
-            y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-            y = y[:, 0].view(*x.shape[:-1], self.out_features)
-            return y.contiguous() if self.row_major_output else y
-        if x.device.type != "cpu" or not 2 <= rows <= FEW_ROWS or self.out_features == 1:
+        cpu = x.device.type == "cpu"
+        # one row through a wide weight: the row twice, as a two-column product (see the module docstring)
+        twice = cpu and rows == 1 and self.out_features >= self.in_features > 0
+        if not twice and (not cpu or not 2 <= rows <= FEW_ROWS or self.out_features == 1):
             return F.linear(x, self.weight, self.bias)
-        xt = x.reshape(rows, self.in_features).t()
+        x2 = x.reshape(rows, self.in_features)
+        xt = (x2.expand(2, self.in_features).contiguous() if twice else x2).t()
         y = torch.mm(self.weight, xt) if self.bias is None else torch.addmm(self.bias[:, None], self.weight, xt)
-        y = y.t().view(*x.shape[:-1], self.out_features)
+        y = (y[:, :1] if twice else y).t().view(*x.shape[:-1], self.out_features)
         return y.contiguous() if self.row_major_output else y
