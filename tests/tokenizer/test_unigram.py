@@ -226,6 +226,32 @@ def test_e_step_and_viterbi_match_brute_force():
         assert alt[sub.last[j]] == pytest.approx(max(others))
 
 
+def test_dead_pieces_left_in_the_lattice_count_for_nothing():
+    """Training keeps a lattice whole until a quarter of its edges are dead (log p = -inf): its E-step, Viterbi and
+    span lattices then equal those of the filtered lattice, and the Viterbi of a model of the live pieces alone."""
+    words = list(SMALL)
+    counts = np.array([SMALL[w] for w in words], dtype=float)
+    strings, log_p, lat, occurrence, piece_len, n_chars = unigram._seed(words, counts, 4, 10**6)
+    rng = np.random.default_rng(2)
+    alive = np.r_[np.ones(n_chars, bool), rng.random(len(strings) - n_chars) < 0.6]
+    log_p = np.where(alive, log_p + rng.normal(0, 1.0, len(log_p)), -np.inf)
+    whole, filtered = lat.keep(alive, min_drop=1.0), lat.keep(alive)
+    assert whole is lat and filtered.n_edges < lat.n_edges
+    live = Unigram([(s, float(p)) for s, p, a in zip(strings, log_p, alive) if a])
+    got = [unigram._e_step(x, log_p, counts)[0] for x in (whole, filtered)]
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-12, atol=1e-12)
+    assert not got[0][~alive].any()
+    for x in (whole, filtered):
+        _, best = x.forward(log_p, viterbi=True)
+        lats, pieces = x.backtrack(best)
+        for b, w in enumerate(words):
+            assert [strings[i] for i in pieces[lats == b][::-1]] == [live.id_to_token(i) for i in live.tokenize(w)]
+    multi = np.flatnonzero(alive & (piece_len > 1))
+    subs = [x.spans(occurrence[multi], piece_len[multi], alive) for x in (whole, filtered)]
+    alts = [sub.forward(log_p, viterbi=True)[0][sub.last] for sub in subs]
+    np.testing.assert_array_equal(alts[0], alts[1])
+
+
 @pytest.mark.parametrize("target_left", [3, 6])
 def test_pruning_matches_the_loss_formula(target_left):
     words = list(SMALL)

@@ -18,7 +18,9 @@ a made-up score), and the seed keeps whole words that never prefix another word 
 Speed: training is pure Python + numpy. All distinct words' lattices are built once, as one global edge list
 (edge = piece occurrence: start node -> end node), from the seed substring enumeration. Pruning only removes
 pieces, so later lattices are the first one with edges filtered out. Forward, backward and Viterbi run for all
-words at once, one numpy step per position in the word (so the Python loop is as long as the longest word).
+words at once, a few numpy calls per position in the word (so the Python loop is as long as the longest word); the
+log-sum-exp over a node's incoming edges is max-shifted exp/sum/log on whole slices (see _Sweep._prepare), and the
+E-step's expected counts come out of the backward sweep.
 
 Unknown characters are handled exactly as Hugging Face `tokenizers` does: a character with no single-character
 piece gets an "unknown" node scored min(score) - 10; consecutive unknown tokens are fused into one; with
@@ -41,6 +43,9 @@ from .vocab import CACHE_LIMIT
 SPACE = "\u2581"  # the Metaspace marker "▁" that starts every pre-token
 UNK_PENALTY = 10.0  # tokenizers/sentencepiece: an unknown character scores min(score) - 10
 EXPECTED_COUNT_THRESHOLD = 0.5  # the M-step drops pieces expected fewer times than this (as sentencepiece)
+# Training filters its lattices (and lays their sweeps out again, ~3 sweeps' work) only once this fraction of the
+# edges belongs to dead pieces; until then those edges cost a little in each sweep and count for nothing.
+REBUILD_DEAD_FRACTION = 0.25
 # Seed rule: sentencepiece's suffix tree over whole sentences sees "▁the▁" after "▁the", so a word that is never
 # the prefix of another word (say "▁United", always before "▁States") is no internal node and no seed. We count a
 # word end as a branch, which keeps such words (held-out English: 1.6% fewer tokens per word at 8k). Setting this
@@ -297,130 +302,175 @@ def _digamma(x: np.ndarray) -> np.ndarray:
 
 
 class _Sweep:
-    """Edges ordered for one dynamic-programming sweep over many lattices at once: value[to] = reduce over the
-    edges into `to` of value[frm] + log p(piece), one level (position in the lattice) at a time -- an edge's
-    `frm` node is always on a lower level than its `to` node. Edges are sorted by (level, to): each level is a
-    slice, cut into groups (one per target node) for ufunc.reduceat. Sweeps are stored sorted, not as a
-    permutation, because random gathers over millions of edges cost more than the arithmetic."""
+    """One dynamic-programming sweep over many lattices at once: value[to] = reduce over the edges into `to` of
+    value[frm] + log p(piece), one level (distance from the sweep's start node) at a time -- an edge's `frm` node is
+    always on a lower level than its `to` node. The edges stay in the lattices' order; run() works on its own
+    layout of them (see _prepare), made on first use."""
 
-    def __init__(self, frm, piece, targets, target_lat, counts, bounds, gb):
-        self.frm, self.piece = frm, piece
-        self.targets, self.target_lat, self.counts = targets, target_lat, counts  # per group: node, lattice, edges
-        self.group = np.cumsum(counts) - counts  # first edge of each group
-        self.bounds, self.gb = bounds, gb  # first edge / first group of each level (and the ends)
-        self._plan = None  # run()'s per-level slices, made on first use
-        self.last_scores = (None, None)
-
-    @classmethod
-    def sort(cls, frm, to, level, piece, lat, to_sorted=False):
-        """Sort by (level, to): a stable sort by `to` (skipped when already sorted), then a stable sort by level --
-        a radix sort, as levels are small ints."""
-        o = np.arange(len(to)) if to_sorted else np.argsort(to, kind="stable")
-        small = np.int16 if len(level) == 0 or level.max() < 2**15 else np.int32
-        o = o[np.argsort(level[o].astype(small), kind="stable")]
-        to, level = to[o], level[o]
-        n = len(o)
-        group = np.flatnonzero(np.r_[True, to[1:] != to[:-1]])
-        bounds = np.r_[0, np.flatnonzero(level[1:] != level[:-1]) + 1, n]
-        return cls(frm[o], piece[o], to[group], lat[o[group]], np.diff(np.r_[group, n]), bounds,
-                   np.searchsorted(group, bounds))
-
-    def keep(self, alive: np.ndarray) -> _Sweep:
-        """Drop the edges of dead pieces. Every node keeps its single-character edge (characters never die), so
-        no group empties: only the edge counts and level bounds change."""
-        m = alive[self.piece]
-        before = np.r_[0, np.cumsum(m)]  # kept edges before each position
-        return _Sweep(self.frm[m], self.piece[m], self.targets, self.target_lat,
-                      np.diff(before[np.r_[self.group, len(m)]]), before[self.bounds], self.gb)
+    def __init__(self, frm, to, level, piece):
+        self.frm, self.to, self.level, self.piece = frm, to, level, piece
+        self._plan = None
 
     def _prepare(self, n_nodes: int, init: np.ndarray):
         """The per-level plan of run(), computed once per sweep (a sweep runs several times: forward in both
-        E-steps and in pruning's Viterbi). Values live in a "sweep-ordered" array: the init nodes, then each
-        group's target node in edge order, then one -inf slot for nodes no edge reaches. A level's targets are
-        then one contiguous slice (written in place, no scatter) and its sources a few nearby slices."""
-        k, g = len(init), len(self.targets)
-        pos = np.full(n_nodes, k + g, dtype=np.int32)
-        pos[init] = np.arange(k, dtype=np.int32)
-        pos[self.targets] = np.arange(k, k + g, dtype=np.int32)
-        src = pos[self.frm]
-        b, gb = self.bounds.tolist(), self.gb.tolist()
-        levels = []
-        for j in range(len(b) - 1):
-            lo, hi, g0, g1 = b[j], b[j + 1], gb[j], gb[j + 1]
-            single = g1 - g0 == hi - lo  # one edge per target node: nothing to reduce
-            levels.append((lo, hi, k + g0, k + g1, src[lo:hi], None if single else self.group[g0:g1] - lo,
-                           None if single else self.counts[g0:g1]))
-        self._plan = (n_nodes, init, k, g, levels)
+        E-steps and in pruning's Viterbi).
 
-    def run(self, log_p: np.ndarray, n_nodes: int, init: np.ndarray, viterbi: bool = False):
+        Values live in a "sweep-ordered" array: the init nodes, then each level's target nodes, then one -inf slot
+        for nodes no edge reaches, so a level's targets are one contiguous slice (written in place, no scatter).
+        Within a level the targets are ordered by in-degree, highest first, and the level's edges by slot: slot j
+        holds the j-th edge of every target that has more than j, so it is a prefix of the level's targets. The
+        log-sum-exp over each target's edges is then a few whole-slice ufunc calls per slot, where reduceat pays
+        per group and np.logaddexp costs ~50 ns an element (scalar exp + log1p)."""
+        i32, n_edges = np.int32, len(self.frm)
+        o = np.argsort(self.to, kind="stable")  # the edges grouped by target node, in their order within a group
+        to = self.to[o]
+        group = np.flatnonzero(np.r_[True, to[1:] != to[:-1]]) if n_edges else np.zeros(0, np.int64)
+        cnt = np.diff(np.r_[group, n_edges]).astype(i32)  # per group: its target node's in-degree
+        k, g = len(init), len(group)
+        glevel = self.level[o[group]].astype(i32)
+        n_levels, width = int(glevel.max(initial=0)) + 1, int(cnt.max(initial=1)) + 1
+        # targets by level, then by in-degree descending: two stable (radix) sorts on small keys
+        small = np.uint8 if width <= 256 else i32
+        gorder = np.argsort((width - 1 - cnt).astype(small), kind="stable")
+        gorder = gorder[np.argsort(glevel[gorder].astype(np.uint16 if n_levels <= 2**16 else i32), kind="stable")]
+        # n_at_least[l, j]: targets of level l with more than j edges; slot j of level l starts at row_off[l, j]
+        hist = np.bincount(glevel * width + cnt, minlength=n_levels * width).reshape(n_levels, width)
+        n_at_least = hist[:, ::-1].cumsum(1)[:, ::-1][:, 1:]
+        row_off = np.cumsum(n_at_least, 1) - n_at_least
+        gb = np.r_[0, np.cumsum(n_at_least[:, 0])]  # first target of each level
+        bounds = np.r_[0, np.cumsum(n_at_least.sum(1))]  # first edge of each level
+        gpos = np.empty(g, dtype=i32)  # a target's place in sweep order
+        gpos[gorder] = np.arange(g, dtype=i32)
+        rank = gpos - gb.astype(i32)[glevel]  # its place among its level's targets
+        # edge (target t, slot j) goes to bounds[level] + row_off[level, j] + rank[t]
+        level_slot = np.repeat(glevel * (width - 1), cnt)
+        level_slot += np.arange(n_edges, dtype=i32)
+        level_slot -= np.repeat(group.astype(i32), cnt)
+        dest = (row_off + bounds[:-1, None]).astype(i32).ravel()[level_slot]
+        dest += np.repeat(rank, cnt)
+        targets = np.empty(g, dtype=i32)
+        targets[gpos] = to[group]
+        pos = np.full(n_nodes, k + g, dtype=i32)
+        pos[init] = np.arange(k, dtype=i32)
+        pos[to[group]] = gpos + k
+        # moving the edges to their places is a random permutation (~35 ns an edge): the dearest part of the plan
+        src, piece, perm = (np.empty(n_edges, dtype=i32) for _ in range(3))
+        src[dest] = pos[self.frm[o]]
+        piece[dest] = self.piece[o]
+        perm[dest] = o  # perm[slot-ordered position] = edge, for the best edges of a Viterbi run
+        b, gb, rows, offs = bounds.tolist(), gb.tolist(), n_at_least.tolist(), row_off.tolist()
+        levels = []
+        for j in range(n_levels):
+            n0 = gb[j + 1] - gb[j]
+            if n0:
+                slots = [(off, off + n, n) for off, n in zip(offs[j][1:], rows[j][1:]) if n]
+                levels.append((b[j], b[j + 1], k + gb[j], k + gb[j + 1], n0, src[b[j]:b[j + 1]], slots))
+        self._plan = (n_nodes, init, k, g, levels, perm, piece, targets)
+
+    def run(self, log_p: np.ndarray, n_nodes: int, init: np.ndarray, viterbi: bool = False,
+            through: np.ndarray | None = None):
         """val[n] = log Σ_paths init→n exp(Σ log p) (max instead of log-sum-exp when viterbi, then also the best
-        edge into each node)."""
+        edge into each node). With `through` (a log-weight per node), the second result is instead, per piece,
+        Σ over its edges of exp(val[frm] + log p + through[to]): run backward with through = α - log Z + log count,
+        that is each piece's expected count (see _e_step)."""
         if self._plan is None or self._plan[0] != n_nodes or self._plan[1] is not init:
             self._prepare(n_nodes, init)
-        _, _, k, g, levels = self._plan
+        _, _, k, g, levels, perm, piece, targets = self._plan
         w = np.empty(k + g + 1)  # sweep-ordered values (see _prepare)
         w[:k], w[k + g] = 0.0, -np.inf
         best_w = np.empty(g, dtype=np.int64) if viterbi else None
-        sc = log_p[self.piece]
-        self.last_scores = (log_p, sc)  # log p of each edge's piece, for _e_step to reuse
-        take, logaddexp = w.take, np.logaddexp
-        for lo, hi, a, b, src, starts, cnt in levels:
+        sc = log_p[piece]
+        if through is not None:
+            through, edge_w = through[targets], np.empty(len(piece))
+        take, maximum, exp, log = w.take, np.maximum, np.exp, np.log
+        for lo, hi, a, b, n0, src, slots in levels:
             v = take(src)
             v += sc[lo:hi]
-            if starts is None:
+            if through is not None:  # an edge's log-weight: v + through at its target, slot by slot
+                t = through[a - k:b - k]
+                np.add(v[:n0], t, out=edge_w[lo:lo + n0])
+                for s, e, n in slots:
+                    np.add(v[s:e], t[:n], out=edge_w[lo + s:lo + e])
+            if not slots:  # one edge per target node: nothing to reduce
                 w[a:b] = v
                 if viterbi:
-                    best_w[a - k:b - k] = np.arange(lo, hi)
-            elif viterbi:  # the first edge reaching the maximum
-                m = np.maximum.reduceat(v, starts)
+                    best_w[a - k:b - k] = perm[lo:hi]
+                continue
+            m = v[:n0].copy()  # max over each target's edges, slot by slot
+            for s, e, n in slots:
+                maximum(m[:n], v[s:e], out=m[:n])
+            if viterbi:  # the first edge reaching the maximum: lower slots overwrite higher ones
                 w[a:b] = m
-                hit = np.where(v == np.repeat(m, cnt), np.arange(lo, hi), hi)
-                best_w[a - k:b - k] = np.minimum.reduceat(hit, starts)
-            else:  # log(exp(a) + exp(b)) folded over each group: stable, and as fast as shifting by the max
-                logaddexp.reduceat(v, starts, out=w[a:b])
+                bw = best_w[a - k:b - k]
+                for s, e, n in reversed(slots):
+                    np.copyto(bw[:n], perm[lo + s:lo + e], where=v[s:e] == m[:n])
+                np.copyto(bw, perm[lo:lo + n0], where=v[:n0] == m)
+                continue
+            # log Σ exp(v) = m + log Σ exp(v - m), m the max: stable, and no term overflows
+            v[:n0] -= m
+            for s, e, n in slots:
+                v[s:e] -= m[:n]
+            exp(v, out=v)
+            total = v[:n0]
+            for s, e, n in slots:
+                total[:n] += v[s:e]
+            log(total, out=total)
+            total += m
+            w[a:b] = total
         val = np.full(n_nodes, -np.inf)
         val[init] = 0.0
-        val[self.targets] = w[k:k + g]
+        val[targets] = w[k:k + g]
+        if through is not None:
+            return val, np.bincount(piece, weights=exp(edge_w, out=edge_w), minlength=len(log_p))
         if not viterbi:
             return val, None
         best = np.full(n_nodes, -1, dtype=np.int64)
-        best[self.targets] = best_w
+        best[targets] = best_w
         return val, best
 
 
 class _Lattices:
     """The lattices of many strings as one edge list. Lattice b owns the consecutive nodes first[b]..last[b]; an
-    edge src -> dst is an occurrence of a piece. The edges are kept three times: sorted for the forward sweep,
-    for the backward sweep (words only), and by src (words only, to cut out the lattice of a span)."""
+    edge src -> dst (src sorted) is an occurrence of a piece in lattice lat."""
 
-    def __init__(self, first, last, fwd: _Sweep, bwd: _Sweep | None, by_src: tuple | None):
-        self.first, self.last, self.fwd, self.bwd, self.by_src = first, last, fwd, bwd, by_src
+    def __init__(self, src, dst, piece, lat, first, last):
+        self.src, self.dst, self.piece, self.lat, self.first, self.last = src, dst, piece, lat, first, last
         self.n_nodes = int(last[-1]) + 1
-
-    @classmethod
-    def build(cls, src, dst, piece, lat, first, last, full: bool = True) -> _Lattices:
-        """full: also the backward sweep and the by-src copy (src must then be sorted)."""
-        fwd = _Sweep.sort(src, dst, dst - first[lat], piece, lat)
-        bwd = _Sweep.sort(dst, src, last[lat] - src, piece, lat, to_sorted=True) if full else None
-        return cls(first, last, fwd, bwd, (src, dst, piece) if full else None)
+        self._fwd = self._bwd = self._out_ptr = self._piece_edges = None  # made on first use
 
     @property
     def n_edges(self) -> int:
-        return len(self.fwd.piece)
+        return len(self.piece)
+
+    @property
+    def fwd(self) -> _Sweep:
+        if self._fwd is None:
+            self._fwd = _Sweep(self.src, self.dst, self.dst - self.first[self.lat], self.piece)
+        return self._fwd
+
+    @property
+    def bwd(self) -> _Sweep:
+        if self._bwd is None:
+            self._bwd = _Sweep(self.dst, self.src, self.last[self.lat] - self.src, self.piece)
+        return self._bwd
 
     def keep(self, alive: np.ndarray, min_drop: float = 0.0) -> _Lattices:
-        """Only the edges of pieces with alive[piece]; filtering keeps every order, so nothing is sorted again.
-        Below min_drop (a fraction of the edges) the lattices are kept whole: dead pieces have log p = -inf, so
-        their edges count for nothing, and filtering would cost more than it saves."""
-        if min_drop and alive[self.fwd.piece].mean() > 1.0 - min_drop:
-            return self
-        return _Lattices(self.first, self.last, self.fwd.keep(alive), self.bwd and self.bwd.keep(alive), self.by_src)
+        """Only the edges of pieces with alive[piece]. Below min_drop (a fraction of the edges) the lattices are
+        kept whole: dead pieces have log p = -inf, so their edges count for nothing, and filtering (then laying
+        out the sweeps again) would cost more than it saves."""
+        if min_drop:
+            if self._piece_edges is None:  # edges per piece: the dead fraction without a pass over the edges
+                self._piece_edges = np.bincount(self.piece, minlength=len(alive))
+            if self._piece_edges[~alive].sum() < min_drop * self.n_edges:
+                return self
+        m = alive[self.piece]
+        return _Lattices(self.src[m], self.dst[m], self.piece[m], self.lat[m], self.first, self.last)
 
     def forward(self, log_p, viterbi=False):
         return self.fwd.run(log_p, self.n_nodes, self.first, viterbi)
 
-    def backward(self, log_p):
-        return self.bwd.run(log_p, self.n_nodes, self.last)[0]
+    def backward(self, log_p, through=None):
+        return self.bwd.run(log_p, self.n_nodes, self.last, through=through)
 
     def backtrack(self, best: np.ndarray):
         """(lattice, piece) of every edge on each lattice's best path (from forward(viterbi=True))."""
@@ -429,8 +479,8 @@ class _Lattices:
         while cur.size:
             e = best[cur]
             lats.append(ids)
-            pieces.append(self.fwd.piece[e])
-            cur = self.fwd.frm[e]
+            pieces.append(self.piece[e])
+            cur = self.src[e]
             more = cur != self.first[ids]
             cur, ids = cur[more], ids[more]
         return np.concatenate(lats), np.concatenate(pieces)
@@ -438,20 +488,35 @@ class _Lattices:
     def spans(self, a: np.ndarray, k: np.ndarray, alive: np.ndarray) -> _Lattices:
         """The lattice of each span of nodes a[i]..a[i]+k[i] (the edges of alive pieces inside it) without the edge
         covering it whole: the segmentations of a piece that do not use the piece itself."""
-        m = alive[self.by_src[2]]
-        src, dst, piece = self.by_src = tuple(x[m] for x in self.by_src)
+        if self._out_ptr is None:  # edges leaving node i: _out_ptr[i]:_out_ptr[i+1]
+            self._out_ptr = np.r_[0, np.cumsum(np.bincount(self.src, minlength=self.n_nodes))]
+        src, dst, piece = self.src, self.dst, self.piece
         b = a + k
-        ptr = np.r_[0, np.cumsum(np.bincount(src, minlength=self.n_nodes))]  # edges leaving node i: ptr[i]:ptr[i+1]
-        lo = ptr[a]
-        n = ptr[b] - lo
+        lo = self._out_ptr[a]
+        n = self._out_ptr[b] - lo
         owner = np.repeat(np.arange(len(a)), n)
         idx = np.arange(int(n.sum())) + np.repeat(lo - (np.cumsum(n) - n), n)
         s, d, bo = src[idx], dst[idx], b[owner]
-        ok = (d <= bo) & ((s != a[owner]) | (d != bo))
+        ok = (d <= bo) & ((s != a[owner]) | (d != bo)) & alive[piece[idx]]
         idx, owner = idx[ok], owner[ok]
         first = np.cumsum(k + 1) - (k + 1)
         shift = (first - a)[owner]
-        return _Lattices.build(src[idx] + shift, dst[idx] + shift, piece[idx], owner, first, first + k, full=False)
+        return _Lattices(src[idx] + shift, dst[idx] + shift, piece[idx], owner, first, first + k)
+
+
+class _Substrings(Sequence):
+    """The seed pieces' strings, each cut from the corpus when asked for: training needs only the survivors'."""
+
+    def __init__(self, text: str, starts: np.ndarray, lengths: np.ndarray):
+        self.text, self.starts, self.ends = text, starts, starts + lengths
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.text[self.starts[i]:self.ends[i]]
 
 
 def _seed(words: list[str], counts: np.ndarray, max_len: int, seed_size: int):
@@ -465,8 +530,10 @@ def _seed(words: list[str], counts: np.ndarray, max_len: int, seed_size: int):
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     wstart = np.cumsum(lengths) - lengths
     joined = "".join(words)
-    alphabet, code = np.unique(np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32), return_inverse=True)
-    code = code.astype(np.int64)
+    code_points = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    seen = np.bincount(code_points) > 0  # a table over code points: no sort
+    alphabet = np.flatnonzero(seen)
+    code = (np.cumsum(seen) - 1)[code_points]
     n_chars = len(alphabet)
     space = int(np.searchsorted(alphabet, ord(SPACE)))
     space = space if space < n_chars and alphabet[space] == ord(SPACE) else -1
@@ -529,8 +596,8 @@ def _seed(words: list[str], counts: np.ndarray, max_len: int, seed_size: int):
     order = np.argsort(src, kind="stable")  # sorted runs (one per length): timsort merges them, (src, dst) order
     src, dst, piece, lat = src[order], dst[order], piece[order], lat[order]
     first = wstart + np.arange(len(words))
-    lattices = _Lattices.build(src, dst, piece, lat, first, first + lengths)
-    strings = [chr(c) for c in alphabet] + [joined[p:p + k] for p, k in zip(occurrence[n_chars:], ck)]
+    lattices = _Lattices(src, dst, piece, lat, first, first + lengths)
+    strings = _Substrings(joined, occurrence, piece_len)
     # seed log-probabilities: score / Σ score
     log_p = np.log(seed_freq) - np.log(seed_freq.sum())
     return strings, log_p, lattices, occurrence + word_of[occurrence], piece_len, n_chars
@@ -540,15 +607,11 @@ def _e_step(lat: _Lattices, log_p: np.ndarray, counts: np.ndarray):
     """Expected piece counts: Σ_words count(w) Σ_edges P(edge | w), with P(edge s→e | w) =
     exp(α(s) + log p(x) + β(e) - log Z(w)) (forward α, backward β, Z(w) = Σ_segmentations p(x))."""
     alpha, _ = lat.forward(log_p)
-    beta = lat.backward(log_p)
     log_z = alpha[lat.last]
-    f = lat.fwd
-    # count(w) · P(edge | w) = exp(α(s) + log p(x) + [β(e) - log Z(w) + log count(w)]), the bracket per end node
-    per_end = beta[f.targets] - log_z[f.target_lat] + np.log(counts)[f.target_lat]
-    w = alpha[f.frm]  # in place from here: the same sums in the same order, fewer edge-sized temporaries
-    w += f.last_scores[1] if f.last_scores[0] is log_p else log_p[f.piece]
-    w += np.repeat(per_end, f.counts)
-    expected = np.bincount(f.piece, weights=np.exp(w, out=w), minlength=len(log_p))
+    # count(w) · P(edge | w) = exp(β(e) + log p(x) + [α(s) - log Z(w) + log count(w)]): the backward sweep has
+    # β(e) + log p(x) at hand for every edge, the bracket is per start node
+    node_lat = np.repeat(np.arange(len(counts)), lat.last - lat.first + 1)
+    _, expected = lat.backward(log_p, through=alpha + (np.log(counts) - log_z)[node_lat])
     return expected, float(-(counts * log_z).sum() / counts.sum())
 
 
@@ -642,7 +705,7 @@ def train_unigram(word_counts: dict[str, int], vocab_size: int, *, special_token
         for _ in range(n_sub_iterations):
             expected, _ = _e_step(lat, log_p, counts)
             log_p, alive = _m_step(expected, alive, n_chars)
-            lat = lat.keep(alive, min_drop=0.1)
+            lat = lat.keep(alive, min_drop=REBUILD_DEAD_FRACTION)
         size = int(alive.sum())
         bar.update(shown - size)
         shown = size
@@ -653,7 +716,7 @@ def train_unigram(word_counts: dict[str, int], vocab_size: int, *, special_token
         if new_alive.sum() >= size:  # nothing can be removed (every piece is needed)
             break
         alive = new_alive
-        lat = lat.keep(alive)
+        lat = lat.keep(alive, min_drop=REBUILD_DEAD_FRACTION)
     bar.close()
 
     # Finalize: all characters, then the best-scoring pieces; learned pieces equal to a fixed token are skipped.
