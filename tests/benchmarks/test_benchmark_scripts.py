@@ -39,13 +39,11 @@ def test_tokenizer_benchmark_runs_and_ids_agree():
         sources.sotu_speeches()
     except sources.MissingDataError as e:
         pytest.skip(f"corpus not installed here: {e}")
-    result = run("tokenizer.py", "--mb", "0.3", "--vocab", "3000", "--kinds", "bpe,wordpiece,unigram", "--repeat", "2")
+    result = run("tokenizer.py", "--mb", "0.3", "--vocab", "3000", "--kinds", "bpe,wordpiece,unigram")
     for kind in ("bpe", "wordpiece", "unigram"):
         row = result[kind]["3000"]  # the Chinese characters alone need about 2,300 ids
         assert row["ids_identical"] == {"tokenizers": True, "fast_path": True} and 256 < row["vocab_learned"] <= 3000
         assert row["train_s"]["llmlab"] > 0 and row["encode_mb_per_s"]["llmlab_python"] > 0
-        each = row["train_s_each_run"]  # --repeat 2: both runs of each trainer, the best one reported
-        assert all(len(t) == 2 and row["train_s"][name] == min(t) for name, t in each.items())
         assert row["quality"]["english"]["bytes_per_token"] > 1
 
 
