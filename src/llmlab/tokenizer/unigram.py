@@ -348,11 +348,12 @@ class _Sweep:
         level_slot -= np.repeat(group.astype(i32), cnt)
         dest = (row_off + bounds[:-1, None]).astype(i32).ravel()[level_slot]
         dest += np.repeat(rank, cnt)
+        target_nodes = to[group]
         targets = np.empty(g, dtype=i32)
-        targets[gpos] = to[group]
+        targets[gpos] = target_nodes
         pos = np.full(n_nodes, k + g, dtype=i32)
         pos[init] = np.arange(k, dtype=i32)
-        pos[to[group]] = gpos + k
+        pos[target_nodes] = gpos + k
         # moving the edges to their places is a random permutation (~35 ns an edge): the dearest part of the plan
         src, piece, perm = (np.empty(n_edges, dtype=i32) for _ in range(3))
         src[dest] = pos[self.frm[o]]
@@ -436,11 +437,18 @@ class _Lattices:
     def __init__(self, src, dst, piece, lat, first, last):
         self.src, self.dst, self.piece, self.lat, self.first, self.last = src, dst, piece, lat, first, last
         self.n_nodes = int(last[-1]) + 1
-        self._fwd = self._bwd = self._out_ptr = self._piece_edges = None  # made on first use
+        self._fwd = self._bwd = self._out_ptr = self._piece_edges = self._node_lat = None  # made on first use
 
     @property
     def n_edges(self) -> int:
         return len(self.piece)
+
+    @property
+    def node_lat(self) -> np.ndarray:
+        """The lattice of every node."""
+        if self._node_lat is None:
+            self._node_lat = np.repeat(np.arange(len(self.first)), self.last - self.first + 1)
+        return self._node_lat
 
     @property
     def fwd(self) -> _Sweep:
@@ -610,8 +618,7 @@ def _e_step(lat: _Lattices, log_p: np.ndarray, counts: np.ndarray):
     log_z = alpha[lat.last]
     # count(w) · P(edge | w) = exp(β(e) + log p(x) + [α(s) - log Z(w) + log count(w)]): the backward sweep has
     # β(e) + log p(x) at hand for every edge, the bracket is per start node
-    node_lat = np.repeat(np.arange(len(counts)), lat.last - lat.first + 1)
-    _, expected = lat.backward(log_p, through=alpha + (np.log(counts) - log_z)[node_lat])
+    _, expected = lat.backward(log_p, through=alpha + (np.log(counts) - log_z)[lat.node_lat])
     return expected, float(-(counts * log_z).sum() / counts.sum())
 
 
