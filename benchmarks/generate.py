@@ -2,8 +2,9 @@
 
 - decode_b1: greedy decode tokens/s at batch 1 (a 32-token prompt, --new-tokens tokens), on the 15.7M shape of
   the foundation benchmark (random weights) and on SmolLM2-135M-Instruct when its package is installed, for
-  both KV layouts. All contenders are timed alternately, median over rounds; outputs must be identical. Also
-  the weight bytes read per second, and the floor: one product of a single row with every weight matrix and
+  both KV layouts and for the engine with compiled decode steps (contiguous layout; --no-compile leaves it out;
+  first_run_s shows the compilation). All contenders are timed alternately, median over rounds; outputs must be
+  identical. Also the weight bytes read per second, and the floor: one product of a single row with every weight matrix and
   nothing else (no attention, no Python around them; per matrix the faster of matrix-vector and the row twice
   as a two-column product), which bounds any engine's speed on this machine.
 - throughput: --requests requests with random prompt and output lengths (seeded). llmlab: all submitted at
@@ -13,7 +14,7 @@
   Both KV layouts: paged (blocks of 16 from a memory budget) and contiguous (a max_seq_len row per
   sequence). Also the KV memory actually used at peak vs allocated.
 
-    python benchmarks/generate.py [--rounds 3] [--new-tokens 128] [--requests 64] [--no-smollm2]
+    python benchmarks/generate.py [--rounds 3] [--new-tokens 128] [--requests 64] [--no-smollm2] [--no-compile]
 
 Prints one JSON object on stdout (rows also go to stderr as they are measured).
 """
@@ -78,11 +79,13 @@ def smollm2():
     return hf, ours
 
 
-def decode_b1(hf, ours, new_tokens: int, rounds: int) -> dict:
+def decode_b1(hf, ours, new_tokens: int, rounds: int, compile: bool = True) -> dict:
     vocab = ours.cfg.vocab_size
     prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llms = {layout: LLM(ours, max_num_seqs=1, kv_layout=layout) for layout in ("paged", "contiguous")}
+    if compile:
+        llms["compiled"] = LLM(ours, max_num_seqs=1, kv_layout="contiguous", compile=True)
     weights = [p for p in ours.parameters() if p.dim() == 2 and p is not ours.tok_emb.weight]
     if ours.head is not None and ours.head.proj.weight is ours.tok_emb.weight:
         weights.append(ours.tok_emb.weight)  # tied: the head reads it
@@ -119,7 +122,11 @@ def decode_b1(hf, ours, new_tokens: int, rounds: int) -> dict:
     contenders = {"transformers": run_hf, **{f"llmlab_{k}": runner(v) for k, v in llms.items()},
                   "weights_floor": weights_only}
     reference = run_hf()
-    same = all(contenders[f"llmlab_{k}"]() == reference for k in llms)  # also the warm-up
+    warmup_s = {}
+    for k in llms:  # also the warm-up; the compiled engine compiles here
+        t = time.perf_counter()
+        warmup_s[k] = (contenders[f"llmlab_{k}"]() == reference, time.perf_counter() - t)
+    same = all(ok for ok, _ in warmup_s.values())
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
@@ -128,11 +135,11 @@ def decode_b1(hf, ours, new_tokens: int, rounds: int) -> dict:
             times[name].append(time.perf_counter() - t)
     ms = {k: 1e3 * statistics.median(v) / new_tokens for k, v in times.items()}
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-    best = min(ms["llmlab_paged"], ms["llmlab_contiguous"])
+    best = min(ms[f"llmlab_{k}"] for k in llms)
     return {"params": ours.num_parameters(), "new_tokens": new_tokens, "identical": same,
             "ms_per_token": ms, "tokens_per_s": {k: 1e3 / v for k, v in ms.items()},
-            "speedup_paged": ms["transformers"] / ms["llmlab_paged"],
-            "speedup_contiguous": ms["transformers"] / ms["llmlab_contiguous"],
+            **{f"speedup_{k}": ms["transformers"] / ms[f"llmlab_{k}"] for k in llms},
+            "first_run_s": {k: round(s, 1) for k, (_, s) in warmup_s.items()},
             "speedup_ceiling": ms["transformers"] / ms["weights_floor"],
             "llmlab_weight_gb_per_s": weight_bytes / best / 1e6,
             "weights_floor_gb_per_s": weight_bytes / ms["weights_floor"] / 1e6}
@@ -195,6 +202,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--no-smollm2", action="store_true")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled engine (minutes of compilation)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -205,7 +213,7 @@ def main() -> None:
                                                    "copy_gb_per_s": copy_bandwidth() / 1e9}}
     log(result)
     hf, ours = random_llama()
-    result["decode_b1_15m"] = decode_b1(hf, ours, args.new_tokens, args.rounds)
+    result["decode_b1_15m"] = decode_b1(hf, ours, args.new_tokens, args.rounds, not args.no_compile)
     log({"decode_b1_15m": result["decode_b1_15m"]})
     if args.requests:
         result["throughput_15m"] = throughput(hf, ours, args.requests, args.rounds)
@@ -216,7 +224,7 @@ def main() -> None:
         except Exception as e:  # the asset package is optional
             result["decode_b1_smollm2"] = {"skipped": str(e)}
         else:
-            result["decode_b1_smollm2"] = decode_b1(hf, ours, args.new_tokens, args.rounds)
+            result["decode_b1_smollm2"] = decode_b1(hf, ours, args.new_tokens, args.rounds, not args.no_compile)
         log({"decode_b1_smollm2": result["decode_b1_smollm2"]})
     print(json.dumps(result, indent=1))
 

@@ -63,7 +63,7 @@ def test_load_benchmark_reports_both_loaders():
 @pytest.mark.slow
 def test_generate_benchmark_reports_both_layouts():
     result = run("generate.py", "--rounds", "1", "--new-tokens", "4", "--requests", "4", "--no-smollm2",
-                 "--threads", "1")
+                 "--threads", "1", "--no-compile")  # the compiled engine is tested in tests/infer
     row = result["decode_b1_15m"]
     assert row["identical"] and row["ms_per_token"]["weights_floor"] > 0
     for layout in ("paged", "contiguous"):

@@ -33,6 +33,9 @@ def add_model_args(p: argparse.ArgumentParser, *, src_optional: bool = False) ->
     e.add_argument("--block-size", type=int, help="tokens per KV-cache block (default 16)")
     e.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most (default 64)")
     e.add_argument("--kv-memory-mb", type=float, help="memory for the KV cache in MiB (default 256)")
+    e.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (contiguous KV layout): minutes of compilation "
+                        "first, faster tokens after")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int | None, temperature: float,
@@ -87,6 +90,11 @@ def engine_options(args: argparse.Namespace) -> dict:
         if args.kv_memory_mb <= 0:
             raise ValueError(f"--kv-memory-mb {args.kv_memory_mb:g} is invalid: it must be > 0")
         opts["kv_memory"] = int(args.kv_memory_mb * 2**20)
+    if getattr(args, "compile", False):
+        from ..infer.engine import DEFAULT_KV_MEMORY
+
+        # one max_seq_len row per sequence: as many as the KV budget holds, not --max-num-seqs rows of a long context
+        opts.update(compile=True, kv_layout="contiguous", kv_memory=opts.get("kv_memory", DEFAULT_KV_MEMORY))
     return opts
 
 

@@ -34,8 +34,8 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 
 class LLM:
     def __init__(self, model, tokenizer=None, **engine_options) -> None:
-        """engine_options: block_size, num_blocks or kv_memory (bytes), max_num_seqs, max_num_batched_tokens,
-        prefix_caching, eos_token_ids (see Engine)."""
+        """engine_options: kv_layout, block_size, num_blocks or kv_memory (bytes), max_num_seqs,
+        max_num_batched_tokens, prefix_caching, eos_token_ids, compile (see Engine)."""
         self.engine = Engine(model, tokenizer, **engine_options)
         self.model, self.tokenizer = model, tokenizer
         self._ids = itertools.count()

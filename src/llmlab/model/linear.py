@@ -15,7 +15,8 @@ rows it is 2-3× faster again). So in inference each (shape, dtype, bias, rows r
 layout) is timed once on first use: each way on the call's own weight and input, with the CPU caches flushed
 first for weights above CACHE_RESIDENT_BYTES (a decode step reads every weight from memory), best of three. The
 choice is kept in PRODUCT_CHOICE for the rest of the process; set an entry there to pin one. With autograd on,
-or above FEW_ROWS rows, or off the CPU, the product is F.linear.
+or above FEW_ROWS rows, or off the CPU, the product is F.linear; so it is while torch.compile traces a shape
+that was never run eagerly.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Linear(nn.Linear):
                self.row_major_output)
         way = PRODUCT_CHOICE.get(key)
         if way is None:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():  # nothing to time inside a trace
                 return F.linear(x, self.weight, self.bias)
             way = PRODUCT_CHOICE[key] = self._fastest_way(x, rows)
         return self._product(way, x, rows)
