@@ -64,6 +64,11 @@ def test_inference_measures_once_per_shape_and_row_bucket(choice, monkeypatch):
     assert all(v != ("transposed" if k[4] == 1 else "twice") for k, v in choice.items())
     layer(torch.randn(2, 32, dtype=torch.float64))  # autograd on: F.linear, nothing measured or recorded
     assert timed == [1, 3, 5] and len(choice) == 3
+    big = Linear(1024, 512, bias=False)  # 2 MiB: timed with the caches flushed before each product
+    x = torch.randn(1, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), F.linear(x, big.weight))
+    assert timed == [1, 3, 5, 1] and len(choice) == 4
 
 
 def test_a_pinned_choice_is_used(choice, monkeypatch):

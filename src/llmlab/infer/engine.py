@@ -109,8 +109,9 @@ class Engine:
         # never sampled.
         self.vocab_limit = len(tokenizer) if tokenizer is not None and len(tokenizer) < cfg.vocab_size else None
         # the first decode step runs eagerly, so that Linear has measured its products before the trace
-        self._compiled = torch.compile(model, dynamic=True, backend="inductor" if compile is True else compile) \
-            if compile else None
+        self._compiled = None
+        if compile:
+            self._compiled = torch.compile(model, dynamic=True, backend="inductor" if compile is True else compile)
         self._decoded_eagerly = False
         self.requests: dict[str, Request] = {}
         self._sample_of: dict[int, tuple[Request, _Sample]] = {}
@@ -235,7 +236,9 @@ class Engine:
             where = [(i, 0) for i in range(len(seqs))]
         forward = self.model
         if self._compiled is not None and not packed:
-            forward, self._decoded_eagerly = (self._compiled if self._decoded_eagerly else self.model), True
+            if self._decoded_eagerly:
+                forward = self._compiled
+            self._decoded_eagerly = True
         h = forward(ids.to(self.device), cache=view, return_logits=False).hidden_states
         ready = []  # sequences whose every token is now computed: they sample
         for i, (s, n) in enumerate(zip(seqs, new)):

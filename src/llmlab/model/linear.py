@@ -32,18 +32,10 @@ WAYS = ("linear", "transposed", "twice")
 CACHE_RESIDENT_BYTES = 1 << 20  # smaller weights stay in cache between a model's steps: timed warm
 # (dtype, out_features, in_features, has bias, row bucket, row-major output) -> way; filled by measurement
 PRODUCT_CHOICE: dict[tuple, str] = {}
-_flush_buffer: torch.Tensor | None = None
 
 
 def _row_bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()  # 1, 2, 4, 8, ..., 128
-
-
-def _flush_caches() -> None:
-    global _flush_buffer
-    if _flush_buffer is None:
-        _flush_buffer = torch.zeros(16 << 20)  # 64 MiB: more than the last-level cache of the CPUs measured
-    _flush_buffer.add_(1.0)
 
 
 class Linear(nn.Linear):
@@ -80,11 +72,12 @@ class Linear(nn.Linear):
     def _fastest_way(self, x: torch.Tensor, rows: int) -> str:
         ways = ("linear", "twice") if rows == 1 else ("linear", "transposed")
         cold = self.weight.numel() * self.weight.element_size() > CACHE_RESIDENT_BYTES
+        flush = torch.empty(16 << 20) if cold else None  # 64 MiB: more than the last-level caches measured
         best = dict.fromkeys(ways, float("inf"))
         for _ in range(3):  # the ways take turns, so a slow spell of a shared machine hits all of them
             for way in ways:
-                if cold:
-                    _flush_caches()
+                if flush is not None:
+                    flush.fill_(0.0)
                 start = time.perf_counter()
                 self._product(way, x, rows)
                 best[way] = min(best[way], time.perf_counter() - start)
