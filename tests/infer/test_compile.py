@@ -23,10 +23,11 @@ def _run(llm, prompts, n=12):
     return [o.outputs[0].token_ids for o in outs], [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs]
 
 
-@pytest.mark.parametrize("max_num_seqs", [1, 3])
-def test_compiled_decode_steps_give_the_eager_tokens(model, max_num_seqs):
+def test_compiled_decode_steps_give_the_eager_tokens(model):
     """A counting backend (the graph runs as traced, no code generation) shows the graphs are captured, run and
-    few; the outputs show that nothing of a step (positions, key lengths, slots) was frozen into them."""
+    few; the outputs show that nothing of a step (positions, key lengths, slots) was frozen into them. Four
+    requests of different lengths on three rows: the batch runs 3, 2 and 1 rows as requests join and finish."""
+    max_num_seqs = 3
     torch._dynamo.reset()
     graphs = []
 
@@ -45,7 +46,7 @@ def test_compiled_decode_steps_give_the_eager_tokens(model, max_num_seqs):
     for a, b in zip(got_lp, want_lp):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     steps = sum(len(t) for t in want_ids) - len(PROMPTS)  # every token after each request's first is a decode
-    assert graphs and len(calls) >= steps // max_num_seqs - 1
+    assert graphs and steps // max_num_seqs - 1 <= len(calls) < steps
     assert len(graphs) <= 3  # one row; the first batch size, then any: not one per step or key length
     torch._dynamo.reset()
 
