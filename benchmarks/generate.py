@@ -4,9 +4,9 @@
   the foundation benchmark (random weights) and on SmolLM2-135M-Instruct when its package is installed, for
   both KV layouts and for the engine with compiled decode steps (contiguous layout; --no-compile leaves it out;
   first_run_s shows the compilation). All contenders are timed alternately, median over rounds; outputs must be
-  identical. Also the weight bytes read per second, and the floor: one product of a single row with every weight matrix and
-  nothing else (no attention, no Python around them; per matrix the faster of matrix-vector and the row twice
-  as a two-column product), which bounds any engine's speed on this machine.
+  identical. Also the weight bytes read per second, and the floor: one product of a single row with every
+  weight matrix and nothing else (no attention, no Python around them; per matrix the faster of matrix-vector
+  and the row twice as a two-column product), which bounds any engine's speed on this machine.
 - throughput: --requests requests with random prompt and output lengths (seeded). llmlab: all submitted at
   once, continuously batched over the paged KV pool. transformers: padded static batches of 16 in arrival
   order, each run until its longest output. Throughput counts only the tokens the requests asked for; the
