@@ -57,8 +57,11 @@ def test_compile_asks_for_the_contiguous_layout(model):
 
 
 @pytest.mark.slow
-def test_inductor_compiled_decode_matches_eager(model):
-    """The real thing: inductor's generated C++ for every decode step of a lone sequence."""
+def test_inductor_compiled_decode_matches_eager():
+    """The real thing: inductor's generated C++ for every decode step of a lone sequence (one layer: compiling
+    takes time in proportion to the graph)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("nano", max_seq_len=96, n_layers=1)).eval()
     torch._dynamo.reset()
     eager = LLM(model, max_num_seqs=1, kv_layout="contiguous")
     compiled = LLM(model, max_num_seqs=1, kv_layout="contiguous", compile=True)
