@@ -161,15 +161,13 @@ def test_engine_options_are_passed(capsys, ckpt, llm):
     assert code == 0 and out == llm.generate("the cat sat", greedy())[0].text + "\n"
 
 
-def test_compile_flag_asks_for_the_contiguous_layout_within_the_kv_budget():
+def test_compile_flag_asks_for_the_contiguous_layout():
     import argparse
 
     from llmlab.cli.generate import engine_options
-    from llmlab.infer.engine import DEFAULT_KV_MEMORY
 
     args = dict(block_size=None, max_num_seqs=None, kv_memory_mb=None, compile=True)
-    assert engine_options(argparse.Namespace(**args)) == dict(compile=True, kv_layout="contiguous",
-                                                              kv_memory=DEFAULT_KV_MEMORY)
+    assert engine_options(argparse.Namespace(**args)) == dict(compile=True, kv_layout="contiguous")
     assert engine_options(argparse.Namespace(**{**args, "kv_memory_mb": 2}))["kv_memory"] == 2 * 2**20
     assert "compile" not in engine_options(argparse.Namespace(**{**args, "compile": False}))
 

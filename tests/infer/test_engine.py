@@ -99,6 +99,23 @@ def test_contiguous_layout_keeps_rows_compact(model):
     assert engine.cache.blocks.in_use() == 0
 
 
+def test_contiguous_rows_default_to_the_kv_budget_not_64_full_contexts():
+    """With nothing asked, the contiguous layout holds as many max_seq_len rows as DEFAULT_KV_MEMORY does (at
+    least one): 64 rows of SmolLM2's 8k context would reserve 24 GB. An explicit max_num_seqs is obeyed."""
+    from llmlab.infer.engine import DEFAULT_KV_MEMORY
+    from llmlab.model.cost import kv_cache_bytes_per_token
+
+    cfg = ModelConfig.preset("nano", max_seq_len=32768)
+    long_model = Transformer(cfg).eval()
+    per_row = kv_cache_bytes_per_token(cfg, 4) * cfg.max_seq_len
+    engine = Engine(long_model, kv_layout="contiguous")
+    assert engine.cache.blocks.num_blocks == engine.scheduler.max_num_seqs == max(1, DEFAULT_KV_MEMORY // per_row) < 64
+    assert engine.cache.blocks.num_blocks * per_row <= max(DEFAULT_KV_MEMORY, per_row)
+    assert Engine(long_model, kv_layout="contiguous", max_num_seqs=5).cache.blocks.num_blocks == 5
+    assert Engine(long_model, kv_layout="contiguous", kv_memory=3 * per_row).cache.blocks.num_blocks == 3
+    assert Engine(long_model).scheduler.max_num_seqs == 64
+
+
 @pytest.mark.parametrize("layout", ["paged", "contiguous"])
 def test_n_samples_fork_with_copy_on_write(model, layout):
     """Sample i of a request with seed s draws from seed s + i: it must equal a lone request with that seed.

@@ -91,10 +91,7 @@ def engine_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"--kv-memory-mb {args.kv_memory_mb:g} is invalid: it must be > 0")
         opts["kv_memory"] = int(args.kv_memory_mb * 2**20)
     if getattr(args, "compile", False):
-        from ..infer.engine import DEFAULT_KV_MEMORY
-
-        # one max_seq_len row per sequence: as many as the KV budget holds, not --max-num-seqs rows of a long context
-        opts.update(compile=True, kv_layout="contiguous", kv_memory=opts.get("kv_memory", DEFAULT_KV_MEMORY))
+        opts.update(compile=True, kv_layout="contiguous")
     return opts
 
 

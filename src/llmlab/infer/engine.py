@@ -29,6 +29,7 @@ from .sampling import SamplerRow, prompt_logprobs, sample
 from .scheduler import Scheduler, Sequence
 
 DEFAULT_KV_MEMORY = 256 * 2**20
+DEFAULT_MAX_NUM_SEQS = 64
 
 
 @dataclass(eq=False)
@@ -63,13 +64,14 @@ class _Sample:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, kv_layout: str = "paged", block_size: int = 16,
-                 num_blocks: int | None = None, kv_memory: int | None = None, max_num_seqs: int = 64,
+                 num_blocks: int | None = None, kv_memory: int | None = None, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int = 512, prefix_caching: bool = True,
                  eos_token_ids: Seq[int] | None = None, compile: bool | str | Callable = False) -> None:
         """kv_layout="paged": blocks of block_size tokens from a pool sized by kv_memory (or num_blocks),
         prefix caching, preemption when the pool runs dry. kv_layout="contiguous": one max_seq_len row per
-        sequence (max_num_seqs rows, or as many as kv_memory holds); decode steps read keys in place, at the
-        price of reserving the whole context for every sequence.
+        sequence (max_num_seqs rows, or as many as kv_memory holds; with none of max_num_seqs, num_blocks and
+        kv_memory given, as many as DEFAULT_KV_MEMORY holds, at least one); decode steps read keys in place, at
+        the price of reserving the whole context for every sequence. max_num_seqs defaults to 64.
 
         compile=True (contiguous layout) runs decode steps through torch.compile(model, dynamic=True) with
         inductor (a string or callable names another torch.compile backend): no Python and no per-operation
@@ -92,8 +94,13 @@ class Engine:
         if self.contiguous:
             block_size, prefix_caching = cfg.max_seq_len, False
             per_row = kv_cache_bytes_per_token(cfg, param.element_size()) * block_size
-            fits = (kv_memory // per_row) if kv_memory else max_num_seqs
-            num_blocks = max_num_seqs = max(1, min(max_num_seqs, num_blocks or fits, fits))
+            if kv_memory is None and num_blocks is None and max_num_seqs is None:
+                kv_memory = DEFAULT_KV_MEMORY  # 64 unasked rows of SmolLM2's 8k context would be 24 GB
+            rows = DEFAULT_MAX_NUM_SEQS if max_num_seqs is None else max_num_seqs
+            fits = (kv_memory // per_row) if kv_memory else rows
+            num_blocks = max_num_seqs = max(1, min(rows, num_blocks or fits, fits))
+        if max_num_seqs is None:
+            max_num_seqs = DEFAULT_MAX_NUM_SEQS
         if num_blocks is None:
             per_block = kv_cache_bytes_per_token(cfg, param.element_size()) * block_size
             wanted = -(-max_num_seqs * cfg.max_seq_len // block_size)  # enough for every sequence at full length
