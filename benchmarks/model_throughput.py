@@ -5,9 +5,11 @@ bf16 autocast. The two models are timed alternately (round-robin) so machine noi
 figure is the median over rounds. MFU divides achieved FLOP/s (the config's training FLOPs per token) by
 the matmul peak measured in this run. `llmlab` is the training path (loss computed chunk by chunk without
 materializing the logits, see llmlab.model.losses); `llmlab_logits` is the same model returning full logits
-like transformers does.
+like transformers does. `llmlab_compiled` and `transformers_compiled` are the two models through
+torch.compile (inductor), as `train.compile=true` runs ours; their speedup is compiled against compiled, and
+`compile_s` is each one's warm-up, compilation included (--no-compile leaves them out).
 
-    python benchmarks/model_throughput.py [--rounds 5] [--steps 3] [--device cpu|cuda]
+    python benchmarks/model_throughput.py [--rounds 5] [--steps 3] [--device cpu|cuda] [--no-compile]
 
 Prints one JSON object on stdout (each dtype's row also goes to stderr as it is measured).
 """
@@ -94,6 +96,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
     args = p.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -124,13 +127,19 @@ def main() -> None:
             print(json.dumps({name: row}), file=sys.stderr, flush=True)
             continue
         peak = matmul_peak(dtype, device)
-        contenders = (("llmlab", ours), ("llmlab_logits", ours), ("transformers", theirs))
-        steps = {}
+        contenders = [("llmlab", ours), ("llmlab_logits", ours), ("transformers", theirs)]
+        if not args.no_compile:
+            contenders += [("llmlab_compiled", torch.compile(ours)), ("transformers_compiled", torch.compile(theirs))]
+        steps, compile_s = {}, {}
         for label, model in contenders:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            steps[label] = make_step(model, opt, x, dtype, device, label)
-            for _ in range(2):  # warm-up: allocator, autocast caches, optimizer state
+            steps[label] = make_step(model, opt, x, dtype, device, label.removesuffix("_compiled"))
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(2):  # warm-up: allocator, autocast caches, optimizer state, compilation
                 steps[label]()
+            sync(device)
+            compile_s[label] = round(time.perf_counter() - t, 1)
         times = {label: [] for label in steps}
         for _ in range(args.rounds):
             for label, step in steps.items():
@@ -147,6 +156,10 @@ def main() -> None:
             row[f"{label}_mfu"] = round(tps * flops_per_token / peak, 4)
         row["speedup"] = round(row["llmlab_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
         row["speedup_with_logits"] = round(row["llmlab_logits_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
+        if not args.no_compile:
+            row["speedup_compiled"] = round(row["llmlab_compiled_tokens_per_s"] / row["transformers_compiled_tokens_per_s"], 3)
+            row["speedup_compiled_vs_eager"] = round(row["llmlab_compiled_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
+            row["compile_s"] = {k: v for k, v in compile_s.items() if k.endswith("_compiled")}
         result[name] = row
         print(json.dumps({name: row}), file=sys.stderr, flush=True)  # progress; stdout gets one object
     print(json.dumps(result, indent=2))

@@ -80,6 +80,29 @@ def test_matches_hf_tokenizers_on_arbitrary_text(tok, saved, text):
     assert tok.encode(text) == hf.encode(text).ids
 
 
+def test_ascii_split_equals_the_unicode_pattern_on_every_pair_of_ascii_characters():
+    """ASCII text is split by a twin of GPT-2's pattern for the standard library's re (faster); over every
+    two-character ASCII string, in every context that changes a piece, its pieces must be the regex module's."""
+    import regex
+
+    from llmlab.tokenizer.bytelevel import GPT2_PATTERN
+
+    unicode_split = regex.compile(GPT2_PATTERN).findall
+    chars = [chr(c) for c in range(128)]
+    for a in chars:
+        for b in chars:
+            for text in (a + b, " " + a + b + "x", a + b + " ", "'" + a + b + "  y", "1" + a + b + "\n\n"):
+                assert pretokenize(text) == unicode_split(text), repr(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60)
+       | st.from_regex(r"[A-Za-z0-9 \t\n\r\x0b\x0c\x1c-\x1f'.,]{0,60}", fullmatch=True))
+def test_matches_hf_tokenizers_on_ascii_text(tok, saved, text):
+    hf = tokenizers.Tokenizer.from_file(str(saved))
+    assert tok.encode(text) == hf.encode(text).ids
+
+
 def test_saved_json_layout(saved):
     data = json.loads(saved.read_text(encoding="utf-8"))
     assert data["model"]["type"] == "BPE"

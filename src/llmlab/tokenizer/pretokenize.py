@@ -9,7 +9,7 @@ import unicodedata
 
 import regex
 
-from .bytelevel import BYTE_TO_UNICODE, GPT2_PATTERN
+from .bytelevel import BYTE_TO_UNICODE, pretokenize
 from .normalize import _WHITE_SPACE, bert_pretokenize, compile_pattern, is_punctuation, pattern_from_hf
 
 # GPT-4's cl100k_base split (also Llama 3's): contractions in any case, letters with one optional leading
@@ -82,8 +82,6 @@ class ByteLevel:
     """GPT-2's pre-tokenizer: optionally add a leading space, split with the GPT-2 regex, then spell each
     piece's UTF-8 bytes in the byte alphabet (so the model never meets an unknown symbol)."""
 
-    _re = regex.compile(GPT2_PATTERN)
-
     def __init__(self, add_prefix_space: bool = False, use_regex: bool = True, trim_offsets: bool = True):
         self.add_prefix_space, self.use_regex, self.trim_offsets = add_prefix_space, use_regex, trim_offsets
 
@@ -92,7 +90,7 @@ class ByteLevel:
         for p in pieces:
             if self.add_prefix_space and p and not p.startswith(" "):
                 p = " " + p
-            out.extend(map(byte_symbols, self._re.findall(p) if self.use_regex else [p]))
+            out.extend(map(byte_symbols, pretokenize(p) if self.use_regex else [p]))
         return out
 
     def to_hf(self) -> dict:

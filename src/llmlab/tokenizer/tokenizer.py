@@ -20,6 +20,7 @@ from .bpe import BPE
 from .decode import ByteLevelDecoder, WordPieceDecoder, decoder_from_hf
 from .normalize import BertNormalizer, normalizer_from_hf
 from .postprocess import TemplateProcessing, post_processor_from_hf
+from .bytelevel import pretokenize
 from .pretokenize import BertPreTokenizer, ByteLevel, byte_symbols, pre_tokenizer_from_hf
 from .wordpiece import WordPiece, read_vocab_txt, write_vocab_txt
 
@@ -108,7 +109,7 @@ class Tokenizer:
         # GPT-2-style pipelines (nothing but the ByteLevel regex split before the model) take a shortcut:
         # a cache keyed by the raw regex piece, which skips spelling cached pieces in the byte alphabet.
         plain = isinstance(pre_tokenizer, ByteLevel) and pre_tokenizer.use_regex and not pre_tokenizer.add_prefix_space
-        self._piece_re = ByteLevel._re if plain and normalizer is None and not normed else None
+        self._piece_split = pretokenize if plain and normalizer is None and not normed else None
         self._piece_cache: dict[str, list[int]] = {}
 
     # --- vocabulary ------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class Tokenizer:
         return out
 
     def _encode_sequence(self, text: str, parse_special: bool, tokenize=None) -> list[int]:
-        shortcut = tokenize is None and self._piece_re is not None
+        shortcut = tokenize is None and self._piece_split is not None
         tokenize = tokenize or self.model.tokenize
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
@@ -190,7 +191,7 @@ class Tokenizer:
 
     def _byte_level_pieces(self, chunk: str) -> list[int]:
         cache, ids = self._piece_cache, []
-        for piece in self._piece_re.findall(chunk):
+        for piece in self._piece_split(chunk):
             got = cache.get(piece)
             if got is None:
                 if len(cache) >= 100_000:
