@@ -3,7 +3,7 @@ tiktoken, same corpus, same run.
 
 Corpus: the English corpora of llmlab.data.sources (State of the Union + Moby Dick, about 12 MB) plus People's
 Daily in Chinese, cut to --mb megabytes. Encoding is measured on a held-out slice of about 1 MB: our Python
-encoder call by call, our fast path (encode_batch: tiktoken for byte-level BPE, else `tokenizers`),
+encoder call by call and batched (encode_batch(fast=False)), our fast path (encode_batch: tiktoken for byte-level BPE, else `tokenizers`),
 `tokenizers` on our own file call by call and batched. Each encoder also makes one pass over the whole
 training text with a fresh tokenizer (`encode_corpus_mb_per_s`): encoding a corpus, where pieces recur and
 per-piece caches warm as they would for a user, unlike the 1 MB slice, where most pieces are new. Quality:
@@ -133,20 +133,24 @@ def bench(kind: str, vocab: int, texts: list[str], held_out: list[str], by_langu
         lib = tokenizers.Tokenizer.from_file(path)
         ours = load(path)  # a fresh cache, as a user's encoder starts
         fresh = {lang: load(path) for lang in by_language}
-        corpus_tok = load(path)
+        corpus_tok, batch_tok, corpus_batch_tok = load(path), load(path), load(path)
     ours_ids, python_s = _timed(lambda: [ours.encode(t) for t in held_out])
+    batched_ids, batched_s = _timed(lambda: batch_tok.encode_batch(held_out, fast=False))
     fast_ids, fast_s = _timed(lambda: ours.encode_batch(held_out))
     lib_ids, lib_s = _timed(lambda: [lib.encode(t).ids for t in held_out])
     _, lib_batch_s = _timed(lambda: lib.encode_batch(held_out))
     from llmlab.tokenizer.fast import tiktoken_encoder
 
     row["fast_path"] = "tiktoken" if tiktoken_encoder(ours) is not None else "tokenizers"
-    row["encode_mb_per_s"] = {"llmlab_python": round(held_mb / python_s, 2), "llmlab_fast": round(held_mb / fast_s, 2),
+    row["encode_mb_per_s"] = {"llmlab_python": round(held_mb / python_s, 2),
+                              "llmlab_python_batched": round(held_mb / batched_s, 2), "llmlab_fast": round(held_mb / fast_s, 2),
                               "tokenizers_call_by_call": round(held_mb / lib_s, 2),
                               "tokenizers_batched": round(held_mb / lib_batch_s, 2)}
-    row["ids_identical"] = {"tokenizers": ours_ids == lib_ids, "fast_path": ours_ids == fast_ids}
+    row["ids_identical"] = {"tokenizers": ours_ids == lib_ids, "fast_path": ours_ids == fast_ids,
+                            "python_batched": ours_ids == batched_ids}
     train_mb = _mb(texts)
     corpus_s = {"llmlab_python": _timed(lambda: [corpus_tok.encode(t) for t in texts])[1],
+                "llmlab_python_batched": _timed(lambda: corpus_batch_tok.encode_batch(texts, fast=False))[1],
                 "llmlab_fast": _timed(lambda: corpus_tok.encode_batch(texts))[1],
                 "tokenizers_call_by_call": _timed(lambda: [lib.encode(t).ids for t in texts])[1],
                 "tokenizers_batched": _timed(lambda: lib.encode_batch(texts))[1]}

@@ -12,7 +12,7 @@ The model sees pre-tokens that are already in its alphabet: each character is on
 import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-
+from itertools import accumulate
 from ..progress import Bar
 from .vocab import VocabModel
 
@@ -89,6 +89,7 @@ class BPE(VocabModel):
         self._rank_new = [-1] * len(self.merges)
         for rank, merged_id in self._ranks.values():
             self._rank_new[rank] = merged_id
+        self._many = None  # bpe_many.ManyMerger, built on first use
 
     def _tokenize(self, word: str) -> list[int]:
         if self.ignore_merges and word in self.vocab:
@@ -161,6 +162,26 @@ class BPE(VocabModel):
                 if a != -1 and nxt[a] != -1 and (r := get((ids[a], ids[nxt[a]]))) is not None:
                     heappush(heap, (r[0], a))
         return [t for t, keep in zip(ids, alive) if keep]
+
+    def tokenize_many(self, words: Sequence[str]) -> list[list[int]]:
+        """The ids of many pre-tokens, each as tokenize() gives them (uncached)."""
+        return self.tokenize_joined("".join(words), [len(w) for w in words])
+
+    def tokenize_joined(self, symbols: str, lengths: Sequence[int]) -> list[list[int]]:
+        """tokenize_many for the words that symbols holds back to back (lengths in characters). With plain
+        symbols and a merge list in rank order, all the words merge together in numpy (bpe_many); otherwise
+        (or when a character is not a token: unknown, byte fallback) one by one."""
+        if not (self.ignore_merges or self.prefix or self.suffix):
+            if self._many is None:
+                from .bpe_many import ManyMerger
+
+                self._many = ManyMerger(self._ranks, self.vocab)
+            if self._many.rank_ordered:
+                got = self._many.tokenize(symbols, lengths, self._merge)
+                if got is not None:
+                    return got
+        ends = list(accumulate(lengths))
+        return [self._tokenize(symbols[a:b]) for a, b in zip([0] + ends[:-1], ends)]
 
     def to_hf_model(self) -> dict:
         return {

@@ -22,6 +22,7 @@ from .normalize import BertNormalizer, normalizer_from_hf
 from .postprocess import TemplateProcessing, post_processor_from_hf
 from .bytelevel import pretokenize
 from .pretokenize import BertPreTokenizer, ByteLevel, byte_symbols, pre_tokenizer_from_hf
+from .vocab import CACHE_LIMIT
 from .wordpiece import WordPiece, read_vocab_txt, write_vocab_txt
 
 
@@ -194,7 +195,7 @@ class Tokenizer:
         for piece in self._piece_split(chunk):
             got = cache.get(piece)
             if got is None:
-                if len(cache) >= 100_000:
+                if len(cache) >= CACHE_LIMIT:
                     cache.clear()
                 got = cache[piece] = self.model.tokenize(byte_symbols(piece))
             ids += got
@@ -229,7 +230,8 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True, parse_special: bool = True,
                      fast: bool = True) -> list[list[int]]:
         """Many texts at once; with fast=True the work goes to a compiled library when one is installed
-        (tiktoken for plain byte-level BPE, else `tokenizers`), which gives identical ids."""
+        (tiktoken for plain byte-level BPE, else `tokenizers`), which gives identical ids. Otherwise our own
+        encoder runs; for plain byte-level BPE it merges the batch's new pre-tokens all together (numpy)."""
         if fast:
             if self._fast is None:
                 from .fast import fast_encoder  # local: the compiled libraries are optional
@@ -237,7 +239,38 @@ class Tokenizer:
                 self._fast = fast_encoder(self) or False
             if self._fast:
                 return self._fast(list(texts), add_special_tokens=add_special_tokens, parse_special=parse_special)
+        if self._piece_split is not None and hasattr(self.model, "tokenize_joined"):
+            return self._encode_batch_pieces(texts, add_special_tokens, parse_special)
         return [self.encode(t, add_special_tokens=add_special_tokens, parse_special=parse_special) for t in texts]
+
+    def _encode_batch_pieces(self, texts: Sequence[str], add_special_tokens: bool, parse_special: bool) -> list[list[int]]:
+        """encode_batch in Python for byte-level BPE: split every text, compute the pre-tokens not cached yet
+        all at once (BPE.tokenize_joined merges them together in numpy), then read each text off the cache.
+        A text with an added token in it goes through encode, which splits around the token first."""
+        cache, split = self._piece_cache, self._piece_split
+        added = self._raw_all if parse_special else self._raw_plain
+        pieces = [split(t) if isinstance(t, str) and (added is None or added.search(t) is None) else None
+                  for t in texts]
+        missing = list({p: None for ps in pieces if ps is not None for p in ps if p not in cache})
+        known = cache
+        if missing:
+            new = dict(zip(missing, self.model.tokenize_joined(byte_symbols("".join(missing)),
+                                                                [len(p.encode()) for p in missing])))
+            if len(cache) + len(new) > CACHE_LIMIT:  # the cache starts again; this call reads old and new
+                known = {**cache, **new}
+                cache.clear()
+            if len(new) <= CACHE_LIMIT:
+                cache.update(new)
+        out = []
+        for text, ps in zip(texts, pieces):
+            if ps is None:
+                out.append(self.encode(text, add_special_tokens=add_special_tokens, parse_special=parse_special))
+                continue
+            ids = [i for p in ps for i in known[p]]
+            if add_special_tokens and self.post_processor is not None:
+                ids = self.post_processor(ids, None)[0]
+            out.append(ids)
+        return out
 
     def tokenize(self, text: str, parse_special: bool = True) -> list[str]:
         """Text -> token strings, without post-processing."""

@@ -1,0 +1,108 @@
+"""Merging many pre-tokens at once (bpe_many, behind Tokenizer.encode_batch(fast=False)) against the one-word
+merge loop and against `tokenizers`: same ids for any text, merge lists that are not in rank order, runs of a
+repeated symbol, long words, and a piece cache that overflows."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmlab.tokenizer import load, train
+from llmlab.tokenizer import bpe_many
+from llmlab.tokenizer.bpe import BPE
+from llmlab.tokenizer.postprocess import RobertaProcessing
+
+tokenizers = pytest.importorskip("tokenizers")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog, again and again, while the other dogs sleep all day long.",
+    "Byte pair encoding merges the most frequent pair of symbols until the vocabulary is large enough.",
+    "机器学习是人工智能的一个分支。深度学习是机器学习的一个分支，它使用多层神经网络。人工智能正在改变世界。",
+    "aaaa aaaaaaa aaaaaaaaaaa bbbbbb abababab ---- ======== ........ 1111 2222 3333",
+    "def train(texts, vocab_size):\n    counts = Counter(texts)\n    return counts.most_common(10)\n",
+] * 3
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tok = train(CORPUS, vocab_size=500, special_tokens=SPECIALS, min_frequency=2)
+    return str(tok.save(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+
+
+def pieces_of(tok, texts):
+    from llmlab.tokenizer.pretokenize import byte_symbols
+
+    return list({byte_symbols(p): None for t in texts for p in tok._piece_split(t)})
+
+
+def test_many_words_merge_like_one_at_a_time(saved):
+    """Held-out-like text in English, Chinese, code and long runs: every pre-token's ids equal the merge loop's;
+    the batch is large enough for the numpy rounds, their compaction and the one-by-one tail."""
+    tok = load(saved)
+    rng = random.Random(0)
+    texts = [rng.choice(("", " ")) + "".join(rng.choice(alphabet) for _ in range(n))
+             for alphabet in ("人工智能学习机器", "ab", "ab -=.1人工") for n in range(1, 150)]
+    words = pieces_of(tok, CORPUS + texts)
+    assert len(words) > 300 and max(map(len, words)) > 300
+    assert tok.model.tokenize_many(words) == [tok.model._tokenize(w) for w in words]
+    assert tok.model._many.rank_ordered
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=30)
+                | st.from_regex(r"[a-c 人工=\n]{0,60}", fullmatch=True), max_size=12))
+def test_encode_batch_in_python_equals_encode_and_tokenizers(saved, texts):
+    tok = load(saved)  # an empty piece cache: every piece is new to the batch
+    hf = tokenizers.Tokenizer.from_file(saved)
+    got = tok.encode_batch(texts, fast=False)
+    assert got == [tok.encode(t) for t in texts] == [e.ids for e in hf.encode_batch(texts)]
+
+
+def test_encode_batch_with_added_tokens_post_processing_and_a_small_cache(saved, monkeypatch):
+    """Texts holding special tokens go through encode; a post-processor is applied; when the batch brings
+    more new pieces than the cache holds, the cache starts again and the ids stay right."""
+    from llmlab.tokenizer import tokenizer as tokenizer_module
+
+    texts = ["<|im_start|>user hello<|im_end|>", "plain text, no specials", "人工智能 <|endoftext|>", "", "again"]
+    tok = load(saved)
+    tok.post_processor = RobertaProcessing(("<|im_end|>", 2), ("<|im_start|>", 1))
+    expect = [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts, fast=False) == expect and expect[1][0] == 1 and expect[1][-1] == 2
+    assert tok.encode_batch(texts, fast=False, parse_special=False) == [tok.encode(t, parse_special=False) for t in texts]
+    assert tok.encode_batch(texts, fast=False, add_special_tokens=False) == [tok.encode(t, add_special_tokens=False)
+                                                                             for t in texts]
+    monkeypatch.setattr(tokenizer_module, "CACHE_LIMIT", 3)
+    small = load(saved)
+    many = CORPUS + texts
+    assert small.encode_batch(many, fast=False) == [load(saved).encode(t) for t in many]
+    assert len(small._piece_cache) <= 3
+    with pytest.raises(TypeError, match="encode expects a str"):
+        small.encode_batch(["ok", 5], fast=False)
+
+
+def test_runs_of_one_symbol_and_merges_out_of_rank_order():
+    """x x x ... under (x, x): left to right, as the loop does, for every run length; a merge list where a
+    merge uses a token made by a later merge is not in rank order and goes word by word."""
+    vocab = {t: i for i, t in enumerate(["a", "b", "aa", "aaa", "aaaa", "ab", "aab", "ba"])}
+    merges = [("a", "a"), ("aa", "a"), ("aa", "aa"), ("a", "b"), ("aa", "b"), ("b", "a")]
+    bpe = BPE(vocab, merges)
+    words = ["a" * n for n in range(1, 60)] + ["ab" * n for n in range(1, 30)] + ["aab" * 7, "baaab" * 9, ""]
+    assert bpe.tokenize_many(words) == [bpe._tokenize(w) for w in words]
+    assert bpe._many.rank_ordered
+    shuffled = BPE(vocab, [("aa", "a"), ("a", "a"), ("aa", "aa"), ("a", "b"), ("aa", "b"), ("b", "a")])
+    assert shuffled.tokenize_many(words) == [shuffled._tokenize(w) for w in words]
+    assert not shuffled._many.rank_ordered
+    # "c" is no token: the batch goes word by word, which drops it (no unk_token), as encode does
+    assert bpe.tokenize_many(["abc", "ab"]) == [bpe._tokenize("abc"), bpe._tokenize("ab")] == [[5], [5]]
+
+
+def test_all_in_rounds_or_all_in_the_loop(saved, monkeypatch):
+    """With the tail threshold at 1 every word finishes in numpy rounds, with it huge in the loop: same ids."""
+    tok = load(saved)
+    words = pieces_of(tok, CORPUS)
+    expect = [tok.model._tokenize(w) for w in words]
+    for threshold in (1, 10**9):
+        monkeypatch.setattr(bpe_many, "MIN_ROUND_MERGES", threshold)
+        assert load(saved).model.tokenize_many(words) == expect
