@@ -106,3 +106,21 @@ def test_all_in_rounds_or_all_in_the_loop(saved, monkeypatch):
     for threshold in (1, 10**9):
         monkeypatch.setattr(bpe_many, "MIN_ROUND_MERGES", threshold)
         assert load(saved).model.tokenize_many(words) == expect
+
+
+def test_a_long_text_merges_its_new_pieces_together(saved, monkeypatch):
+    """encode of one text with many new pieces merges them as encode_batch does; so do short texts when the
+    threshold is lowered to 2. Ids equal `tokenizers`' either way."""
+    from llmlab.tokenizer import tokenizer as tokenizer_module
+
+    hf = tokenizers.Tokenizer.from_file(saved)
+    rng = random.Random(1)
+    long_text = " ".join(CORPUS) + "".join(rng.choice("人工智能 学习ab,-\n") for _ in range(3000))
+    tok = load(saved)
+    assert len(tok._piece_split(long_text)) >= tokenizer_module.MANY_NEW_PIECES
+    assert tok.encode(long_text) == hf.encode(long_text).ids
+    assert tok.model._many is not None  # the numpy path ran
+    monkeypatch.setattr(tokenizer_module, "MANY_NEW_PIECES", 2)
+    tok = load(saved)
+    for text in CORPUS[:5] + ["a b", "人工 智能 <|im_end|> ab ab"]:
+        assert tok.encode(text) == hf.encode(text).ids, text

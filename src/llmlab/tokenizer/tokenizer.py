@@ -17,13 +17,15 @@ import regex
 
 from . import chat as chat_templates
 from .bpe import BPE
+from .bytelevel import pretokenize
 from .decode import ByteLevelDecoder, WordPieceDecoder, decoder_from_hf
 from .normalize import BertNormalizer, normalizer_from_hf
 from .postprocess import TemplateProcessing, post_processor_from_hf
-from .bytelevel import pretokenize
 from .pretokenize import BertPreTokenizer, ByteLevel, byte_symbols, pre_tokenizer_from_hf
 from .vocab import CACHE_LIMIT
 from .wordpiece import WordPiece, read_vocab_txt, write_vocab_txt
+
+MANY_NEW_PIECES = 64  # from this many new pre-tokens in one text, merging them together in numpy is faster
 
 
 
@@ -191,9 +193,11 @@ class Tokenizer:
         return ids
 
     def _byte_level_pieces(self, chunk: str) -> list[int]:
-        cache, ids = self._piece_cache, []
-        for piece in self._piece_split(chunk):
-            got = cache.get(piece)
+        pieces, cache, ids = self._piece_split(chunk), self._piece_cache, []
+        # a long text's new pieces are merged together, as encode_batch does, when there are enough of them
+        known = self._cache_new_pieces([pieces], MANY_NEW_PIECES) if len(pieces) >= MANY_NEW_PIECES else cache
+        for piece in pieces:
+            got = known.get(piece)
             if got is None:
                 if len(cache) >= CACHE_LIMIT:
                     cache.clear()
@@ -239,28 +243,18 @@ class Tokenizer:
                 self._fast = fast_encoder(self) or False
             if self._fast:
                 return self._fast(list(texts), add_special_tokens=add_special_tokens, parse_special=parse_special)
-        if self._piece_split is not None and hasattr(self.model, "tokenize_joined"):
+        if self._piece_split is not None:
             return self._encode_batch_pieces(texts, add_special_tokens, parse_special)
         return [self.encode(t, add_special_tokens=add_special_tokens, parse_special=parse_special) for t in texts]
 
     def _encode_batch_pieces(self, texts: Sequence[str], add_special_tokens: bool, parse_special: bool) -> list[list[int]]:
-        """encode_batch in Python for byte-level BPE: split every text, compute the pre-tokens not cached yet
-        all at once (BPE.tokenize_joined merges them together in numpy), then read each text off the cache.
-        A text with an added token in it goes through encode, which splits around the token first."""
-        cache, split = self._piece_cache, self._piece_split
+        """encode_batch in Python for byte-level BPE: split every text, merge the pre-tokens not cached yet all
+        at once (_cache_new_pieces), then read each text off the cache. A text with an added token in it goes
+        through encode, which splits around the token first."""
         added = self._raw_all if parse_special else self._raw_plain
-        pieces = [split(t) if isinstance(t, str) and (added is None or added.search(t) is None) else None
+        pieces = [self._piece_split(t) if isinstance(t, str) and (added is None or added.search(t) is None) else None
                   for t in texts]
-        missing = list({p: None for ps in pieces if ps is not None for p in ps if p not in cache})
-        known = cache
-        if missing:
-            new = dict(zip(missing, self.model.tokenize_joined(byte_symbols("".join(missing)),
-                                                                [len(p.encode()) for p in missing])))
-            if len(cache) + len(new) > CACHE_LIMIT:  # the cache starts again; this call reads old and new
-                known = {**cache, **new}
-                cache.clear()
-            if len(new) <= CACHE_LIMIT:
-                cache.update(new)
+        known = self._cache_new_pieces([ps for ps in pieces if ps is not None])
         out = []
         for text, ps in zip(texts, pieces):
             if ps is None:
@@ -271,6 +265,26 @@ class Tokenizer:
                 ids = self.post_processor(ids, None)[0]
             out.append(ids)
         return out
+
+    def _cache_new_pieces(self, piece_lists: list[list[str]], at_least: int = 1) -> dict[str, list[int]]:
+        """Merge the pieces not in the piece cache all together (BPE.tokenize_joined, numpy) when there are
+        at_least of them, and cache them. Returns where every piece's ids can be read: the cache, or, when
+        the new pieces overflowed it (it starts again), the old and new entries together."""
+        cache = self._piece_cache
+        if not hasattr(self.model, "tokenize_joined"):
+            return cache
+        missing = list({p: None for ps in piece_lists for p in ps if p not in cache})
+        if len(missing) < at_least:
+            return cache
+        new = dict(zip(missing, self.model.tokenize_joined(byte_symbols("".join(missing)),
+                                                            [len(p.encode()) for p in missing])))
+        known = cache
+        if len(cache) + len(new) > CACHE_LIMIT:
+            known = {**cache, **new}
+            cache.clear()
+        if len(new) <= CACHE_LIMIT:
+            cache.update(new)
+        return known
 
     def tokenize(self, text: str, parse_special: bool = True) -> list[str]:
         """Text -> token strings, without post-processing."""
