@@ -157,8 +157,9 @@ def main() -> None:
         row["speedup"] = round(row["llmlab_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
         row["speedup_with_logits"] = round(row["llmlab_logits_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
         if not args.no_compile:
-            row["speedup_compiled"] = round(row["llmlab_compiled_tokens_per_s"] / row["transformers_compiled_tokens_per_s"], 3)
-            row["speedup_compiled_vs_eager"] = round(row["llmlab_compiled_tokens_per_s"] / row["transformers_tokens_per_s"], 3)
+            compiled = row["llmlab_compiled_tokens_per_s"]
+            row["speedup_compiled"] = round(compiled / row["transformers_compiled_tokens_per_s"], 3)
+            row["speedup_compiled_vs_eager"] = round(compiled / row["transformers_tokens_per_s"], 3)
             row["compile_s"] = {k: v for k, v in compile_s.items() if k.endswith("_compiled")}
         result[name] = row
         print(json.dumps({name: row}), file=sys.stderr, flush=True)  # progress; stdout gets one object

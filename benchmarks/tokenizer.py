@@ -3,11 +3,11 @@ tiktoken, same corpus, same run.
 
 Corpus: the English corpora of llmlab.data.sources (State of the Union + Moby Dick, about 12 MB) plus People's
 Daily in Chinese, cut to --mb megabytes. Encoding is measured on a held-out slice of about 1 MB: our Python
-encoder call by call and batched (encode_batch(fast=False)), our fast path (encode_batch: tiktoken for byte-level BPE, else `tokenizers`),
-`tokenizers` on our own file call by call and batched. Each encoder also makes one pass over the whole
-training text with a fresh tokenizer (`encode_corpus_mb_per_s`): encoding a corpus, where pieces recur and
-per-piece caches warm as they would for a user, unlike the 1 MB slice, where most pieces are new. Quality:
-bytes per token and vocabulary use on held-out English and Chinese separately.
+encoder call by call and batched (encode_batch(fast=False)), our fast path (encode_batch: tiktoken for
+byte-level BPE, else `tokenizers`), `tokenizers` on our own file call by call and batched. Each encoder also
+makes one pass over the whole training text with a fresh tokenizer (`encode_corpus_mb_per_s`): encoding a
+corpus, where pieces recur and per-piece caches warm as they would for a user, unlike the 1 MB slice, where most
+pieces are new. Quality: bytes per token and vocabulary use on held-out English and Chinese separately.
 
     python benchmarks/tokenizer.py [--mb 20] [--vocab 8192,32768] [--kinds bpe,wordpiece,unigram] [--repeat 1]
 
@@ -143,7 +143,8 @@ def bench(kind: str, vocab: int, texts: list[str], held_out: list[str], by_langu
 
     row["fast_path"] = "tiktoken" if tiktoken_encoder(ours) is not None else "tokenizers"
     row["encode_mb_per_s"] = {"llmlab_python": round(held_mb / python_s, 2),
-                              "llmlab_python_batched": round(held_mb / batched_s, 2), "llmlab_fast": round(held_mb / fast_s, 2),
+                              "llmlab_python_batched": round(held_mb / batched_s, 2),
+                              "llmlab_fast": round(held_mb / fast_s, 2),
                               "tokenizers_call_by_call": round(held_mb / lib_s, 2),
                               "tokenizers_batched": round(held_mb / lib_batch_s, 2)}
     row["ids_identical"] = {"tokenizers": ours_ids == lib_ids, "fast_path": ours_ids == fast_ids,

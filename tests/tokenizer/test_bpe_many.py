@@ -70,7 +70,8 @@ def test_encode_batch_with_added_tokens_post_processing_and_a_small_cache(saved,
     tok.post_processor = RobertaProcessing(("<|im_end|>", 2), ("<|im_start|>", 1))
     expect = [tok.encode(t) for t in texts]
     assert tok.encode_batch(texts, fast=False) == expect and expect[1][0] == 1 and expect[1][-1] == 2
-    assert tok.encode_batch(texts, fast=False, parse_special=False) == [tok.encode(t, parse_special=False) for t in texts]
+    plain = [tok.encode(t, parse_special=False) for t in texts]
+    assert tok.encode_batch(texts, fast=False, parse_special=False) == plain
     assert tok.encode_batch(texts, fast=False, add_special_tokens=False) == [tok.encode(t, add_special_tokens=False)
                                                                              for t in texts]
     monkeypatch.setattr(tokenizer_module, "CACHE_LIMIT", 3)

@@ -13,6 +13,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
+
 from ..progress import Bar
 from .vocab import VocabModel
 

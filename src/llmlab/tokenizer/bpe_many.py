@@ -130,7 +130,8 @@ class ManyMerger:
                 chosen[:n] &= ~chosen[prv[:n]]
                 # A pair no merge of lower rank can take a symbol from (no merge (·, x) ranks below it, no merge
                 # (y, ·)) is merged now: the one-at-a-time loop merges it at its turn whatever happens first.
-                chosen[:n] |= (rank[:n] < self.lowest_as_right[ids[:n]]) & (rank[:n] < self.lowest_as_left[ids[nxt[:n]]])
+                r = rank[:n]
+                chosen[:n] |= (r < self.lowest_as_right[ids[:n]]) & (r < self.lowest_as_left[ids[nxt[:n]]])
                 at = np.flatnonzero(chosen[:n])
                 if len(at) < MIN_ROUND_MERGES:
                     for w in np.flatnonzero(~finished).tolist():

@@ -28,7 +28,6 @@ from .wordpiece import WordPiece, read_vocab_txt, write_vocab_txt
 MANY_NEW_PIECES = 64  # from this many new pre-tokens in one text, merging them together in numpy is faster
 
 
-
 def _model_class(kind: str):
     if kind == "Unigram":
         from .unigram import Unigram
@@ -243,11 +242,12 @@ class Tokenizer:
                 self._fast = fast_encoder(self) or False
             if self._fast:
                 return self._fast(list(texts), add_special_tokens=add_special_tokens, parse_special=parse_special)
-        if self._piece_split is not None:
+        if self._piece_split is not None and hasattr(self.model, "tokenize_joined"):
             return self._encode_batch_pieces(texts, add_special_tokens, parse_special)
         return [self.encode(t, add_special_tokens=add_special_tokens, parse_special=parse_special) for t in texts]
 
-    def _encode_batch_pieces(self, texts: Sequence[str], add_special_tokens: bool, parse_special: bool) -> list[list[int]]:
+    def _encode_batch_pieces(self, texts: Sequence[str], add_special_tokens: bool,
+                             parse_special: bool) -> list[list[int]]:
         """encode_batch in Python for byte-level BPE: split every text, merge the pre-tokens not cached yet all
         at once (_cache_new_pieces), then read each text off the cache. A text with an added token in it goes
         through encode, which splits around the token first."""
