@@ -192,17 +192,21 @@ class Tokenizer:
         return ids
 
     def _byte_level_pieces(self, chunk: str) -> list[int]:
-        pieces, cache, ids = self._piece_split(chunk), self._piece_cache, []
-        # a long text's new pieces are merged together, as encode_batch does, when there are enough of them
-        known = self._cache_new_pieces([pieces], MANY_NEW_PIECES) if len(pieces) >= MANY_NEW_PIECES else cache
-        for piece in pieces:
-            got = known.get(piece)
-            if got is None:
-                if len(cache) >= CACHE_LIMIT:
-                    cache.clear()
-                got = cache[piece] = self.model.tokenize(byte_symbols(piece))
-            ids += got
-        return ids
+        pieces, cache = self._piece_split(chunk), self._piece_cache
+        found = list(map(cache.get, pieces))
+        if None in found:
+            new = [p for p, got in zip(pieces, found) if got is None]
+            # a text with many new pieces merges them together, as encode_batch does
+            known = self._cache_new_pieces(new) if len(new) >= MANY_NEW_PIECES else cache
+            for k, piece in enumerate(pieces):
+                if found[k] is None:
+                    got = known.get(piece)
+                    if got is None:
+                        if len(cache) >= CACHE_LIMIT:
+                            cache.clear()
+                        got = cache[piece] = self.model.tokenize(byte_symbols(piece))
+                    found[k] = got
+        return [i for got in found for i in got]
 
     def encode_with_type_ids(self, text: str, pair: str | None = None, *, add_special_tokens: bool = True,
                              parse_special: bool = True) -> tuple[list[int], list[int]]:
@@ -254,7 +258,7 @@ class Tokenizer:
         added = self._raw_all if parse_special else self._raw_plain
         pieces = [self._piece_split(t) if isinstance(t, str) and (added is None or added.search(t) is None) else None
                   for t in texts]
-        known = self._cache_new_pieces([ps for ps in pieces if ps is not None])
+        known = self._cache_new_pieces(p for ps in pieces if ps is not None for p in ps)
         out = []
         for text, ps in zip(texts, pieces):
             if ps is None:
@@ -266,15 +270,13 @@ class Tokenizer:
             out.append(ids)
         return out
 
-    def _cache_new_pieces(self, piece_lists: list[list[str]], at_least: int = 1) -> dict[str, list[int]]:
-        """Merge the pieces not in the piece cache all together (BPE.tokenize_joined, numpy) when there are
-        at_least of them, and cache them. Returns where every piece's ids can be read: the cache, or, when
-        the new pieces overflowed it (it starts again), the old and new entries together."""
+    def _cache_new_pieces(self, pieces: Iterable[str]) -> dict[str, list[int]]:
+        """Merge the pieces not in the piece cache all together (BPE.tokenize_joined, numpy) and cache them.
+        Returns where every piece's ids can be read: the cache, or, when the new pieces overflowed it (it starts
+        again), the old and new entries together."""
         cache = self._piece_cache
-        if not hasattr(self.model, "tokenize_joined"):
-            return cache
-        missing = list({p: None for ps in piece_lists for p in ps if p not in cache})
-        if len(missing) < at_least:
+        missing = list({p: None for p in pieces if p not in cache})
+        if not missing or not hasattr(self.model, "tokenize_joined"):
             return cache
         new = dict(zip(missing, self.model.tokenize_joined(byte_symbols("".join(missing)),
                                                             [len(p.encode()) for p in missing])))
