@@ -1,7 +1,7 @@
 """Training throughput: llmlab's Transformer vs transformers' LlamaForCausalLM, same shape, same run.
 
-Shape: vocab 8192, hidden 384, 6 layers, 6 heads / 2 KV heads, MLP 1024, seq 256, batch 8, AdamW; fp32 and
-bf16 autocast. The two models are timed alternately (round-robin) so machine noise hits both alike; the
+Shape: vocab 8192, hidden 384, 6 layers, 6 heads / 2 KV heads, MLP 1024, seq 256, batch 8, AdamW (torch's
+fused kernel on both sides, as both trainers default to); fp32 and bf16 autocast. The two models are timed alternately (round-robin) so machine noise hits both alike; the
 figure is the median over rounds. MFU divides achieved FLOP/s (the config's training FLOPs per token) by
 the matmul peak measured in this run. `llmlab` is the training path (loss computed chunk by chunk without
 materializing the logits, see llmlab.model.losses); `llmlab_logits` is the same model returning full logits
@@ -26,6 +26,7 @@ import time
 import torch
 
 from llmlab.model import ModelConfig, Transformer
+from llmlab.train.optim import can_fuse
 
 SHAPE = dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=1024, max_seq_len=1024)
 
@@ -132,7 +133,8 @@ def main() -> None:
             contenders += [("llmlab_compiled", torch.compile(ours)), ("transformers_compiled", torch.compile(theirs))]
         steps, compile_s = {}, {}
         for label, model in contenders:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            # fused on both sides: what llmlab's trainer and transformers' Trainer (adamw_torch_fused) both use
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=can_fuse(model.parameters()) or None)
             steps[label] = make_step(model, opt, x, dtype, device, label.removesuffix("_compiled"))
             sync(device)
             t = time.perf_counter()

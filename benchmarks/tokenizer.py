@@ -8,8 +8,10 @@ byte-level BPE, else `tokenizers`), `tokenizers` on our own file call by call an
 makes one pass over the whole training text with a fresh tokenizer (`encode_corpus_mb_per_s`): encoding a
 corpus, where pieces recur and per-piece caches warm as they would for a user, unlike the 1 MB slice, where most
 pieces are new. Quality: bytes per token and vocabulary use on held-out English and Chinese separately.
+`smollm2`: the same encoders with SmolLM2-135M-Instruct's own tokenizer, read from its GGUF.
 
     python benchmarks/tokenizer.py [--mb 20] [--vocab 8192,32768] [--kinds bpe,wordpiece,unigram] [--repeat 1]
+                                   [--no-smollm2]
 
 Prints one JSON object.
 """
@@ -170,6 +172,40 @@ def bench(kind: str, vocab: int, texts: list[str], held_out: list[str], by_langu
     return row
 
 
+def bench_smollm2(held_out: list[str], texts: list[str]) -> dict | str:
+    """SmolLM2-135M-Instruct's own tokenizer (49,152 ids, digits split one by one before GPT-2's split), read
+    from its GGUF: our encoders against `tokenizers` on the same tokenizer.json, on the held-out slice and one
+    pass over the training text."""
+    import tokenizers
+
+    from llmlab.io.assets import AssetNotFoundError, asset_path
+    from llmlab.io.gguf import read_gguf
+
+    try:
+        spec = read_gguf(asset_path("smollm2-135m-instruct")).tokenizer_json
+    except AssetNotFoundError as e:
+        return f"skipped: {e}"
+    row = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "tokenizer.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        lib = tokenizers.Tokenizer.from_file(path)
+        for name, lines in (("held_out", held_out), ("corpus", texts)):
+            call, batch, fast = load(path), load(path), load(path)  # fresh caches
+            ids, call_s = _timed(lambda: [call.encode(t) for t in lines])
+            cached_s = _timed(lambda: [call.encode(t) for t in lines])[1]  # again, every piece now cached
+            batched, batch_s = _timed(lambda: batch.encode_batch(lines, fast=False))
+            fast_ids, fast_s = _timed(lambda: fast.encode_batch(lines))
+            lib_ids, lib_s = _timed(lambda: [e.ids for e in map(lib.encode, lines)])
+            _, lib_batch_s = _timed(lambda: lib.encode_batch(lines))
+            seconds = {"llmlab_python": call_s, "llmlab_python_cached": cached_s, "llmlab_python_batched": batch_s,
+                       "llmlab_fast": fast_s, "tokenizers_call_by_call": lib_s, "tokenizers_batched": lib_batch_s}
+            row[name] = {"mb_per_s": {k: round(_mb(lines) / t, 2) for k, t in seconds.items()},
+                         "ids_identical": ids == lib_ids == batched == fast_ids}
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mb", type=float, default=20)
@@ -177,6 +213,7 @@ def main() -> None:
     p.add_argument("--kinds", default="bpe,wordpiece,unigram")
     p.add_argument("--repeat", type=int, default=1, help="train each tokenizer this many times, taking turns; "
                    "the best time of each is reported (use 2+ on a shared, noisy machine)")
+    p.add_argument("--no-smollm2", action="store_true", help="leave out SmolLM2's own tokenizer")
     args = p.parse_args()
     import tokenizers
 
@@ -186,6 +223,8 @@ def main() -> None:
     for kind in args.kinds.split(","):
         result[kind] = {str(v): bench(kind, v, texts, held_out, by_language, args.repeat)
                         for v in map(int, args.vocab.split(","))}
+    if not args.no_smollm2:
+        result["smollm2"] = bench_smollm2(held_out, texts)
     print(json.dumps(result, indent=2))
 
 

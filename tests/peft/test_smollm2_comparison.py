@@ -13,7 +13,7 @@ import torch
 from llmlab.train.supervised import PeftSetup, SFTPeft
 
 METHODS = {  # method -> (lr, SFTPeft overrides): the benchmark's settings
-    "lora": (1e-3, {}), "dora": (1e-3, {}), "adalora": (1e-3, dict(init_r=12, tinit=1, tfinal=1)),
+    "lora": (1e-3, {}), "dora": (1e-3, {}), "adalora": (5e-3, dict(init_r=12, tinit=1, tfinal=1)),
     "ia3": (1e-2, {}), "bitfit": (1e-3, dict(target_modules=["q", "o", "up", "down"])),
     "adapter": (1e-3, {}), "prompt": (1e-2, dict(n_virtual_tokens=8, init_text="You are a helpful assistant.")), "ptuning": (1e-2, dict(n_virtual_tokens=8)),
     "prefix": (1e-2, dict(n_virtual_tokens=8)),
@@ -35,7 +35,7 @@ def setup():
     convs = random.Random(0).sample(convs, 24)
     encode = dict(max_len=64, progress=False)
     pad = tok.token_to_id(tok.eos_token)
-    train = next(iter(SFTLoader(encode_conversations(convs[:8], tok, **encode), batch_size=8, pad_id=pad)))
+    train = next(iter(SFTLoader(encode_conversations(convs[:4], tok, **encode), batch_size=4, pad_id=pad)))
     val = next(iter(SFTLoader(encode_conversations(convs[8:], tok, **encode), batch_size=16, pad_id=pad, drop_last=False,
                               shuffle=False)))
     return model.float(), tok, train, val

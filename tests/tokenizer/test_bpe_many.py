@@ -125,3 +125,48 @@ def test_a_long_text_merges_its_new_pieces_together(saved, monkeypatch):
     tok = load(saved)
     for text in CORPUS[:5] + ["a b", "人工 智能 <|im_end|> ab ab"]:
         assert tok.encode(text) == hf.encode(text).ids, text
+
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+CUT_THEN_BYTE_LEVEL = {  # pipelines that only cut the raw text before ByteLevel: they take the raw-piece shortcut
+    "smollm2": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL],
+    "digit_runs": [{"type": "Digits", "individual_digits": False}, BYTE_LEVEL],
+    "llama3": [{"type": "Split", "pattern": {"Regex": r"\p{N}{1,3}| ?\p{L}+|\s+|[^\s\p{L}\p{N}]+"},
+                "behavior": "Isolated", "invert": False}, {**BYTE_LEVEL, "use_regex": False}],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CUT_THEN_BYTE_LEVEL))
+def cut_then_byte_level(saved, request, tmp_path_factory):
+    import json
+
+    spec = json.loads(open(saved, encoding="utf-8").read())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": CUT_THEN_BYTE_LEVEL[request.param]}
+    path = tmp_path_factory.mktemp(request.param) / "tokenizer.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return str(path)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=30)
+                | st.from_regex(r"[a-c 1-9٣½人=\n]{0,60}", fullmatch=True), max_size=12))
+def test_pipelines_that_cut_before_byte_level_take_the_shortcut_with_the_same_ids(cut_then_byte_level, texts):
+    tok = load(cut_then_byte_level)
+    assert tok._piece_split is not None
+    hf = tokenizers.Tokenizer.from_file(cut_then_byte_level)
+    expected = [e.ids for e in hf.encode_batch(texts)]
+    assert tok.encode_batch(texts, fast=False) == expected
+    assert [tok.encode(t) for t in texts] == expected  # now from the piece cache
+    assert [load(cut_then_byte_level).encode(t) for t in texts] == expected  # and each alone, cold
+
+
+def test_other_pipelines_take_no_shortcut():
+    from llmlab.tokenizer.pretokenize import (ByteLevel, Digits, Metaspace, PreTokenizerSequence, Whitespace,
+                                              raw_piece_split)
+
+    assert raw_piece_split(ByteLevel()) is not None
+    assert raw_piece_split(PreTokenizerSequence([Digits(True), ByteLevel()])) is not None
+    for pipeline in (ByteLevel(add_prefix_space=True), Metaspace(), Whitespace(),
+                     PreTokenizerSequence([Whitespace(), ByteLevel()]), PreTokenizerSequence([ByteLevel(), Digits()]),
+                     PreTokenizerSequence([])):
+        assert raw_piece_split(pipeline) is None, pipeline

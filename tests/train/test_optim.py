@@ -1,5 +1,6 @@
 """Parameter groups, learning-rate schedules and the checkpoint state codec."""
 
+import copy
 import math
 import random
 
@@ -37,6 +38,23 @@ def test_frozen_parameters_are_left_out_and_all_frozen_is_an_error():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(model, lr=1e-3)
+
+
+def test_the_fused_adamw_takes_the_same_steps_as_the_reference_loop():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("nano"))
+    reference = copy.deepcopy(model)
+    opt = build_optimizer(model, lr=1e-2)
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = torch.optim.AdamW(parameter_groups(reference, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    x = torch.randint(0, 512, (2, 16))
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref)):
+            o.zero_grad()
+            m(x, labels=x).loss.backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_schedules():

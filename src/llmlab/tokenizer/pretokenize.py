@@ -5,7 +5,9 @@ A pre-tokenizer maps a list of pieces to a finer list. `at_start` says whether t
 whole input: Metaspace's prepend_scheme "first" adds its "▁" only there (not after an added token).
 """
 
+import re
 import unicodedata
+from collections.abc import Callable
 
 import regex
 
@@ -131,8 +133,17 @@ def _char_runs(text: str, test) -> list[tuple[int, int]]:
     return [(i, i + 1) for i, c in enumerate(text) if test(c)]
 
 
+_ASCII_DIGIT = re.compile(r"[0-9]")  # the only numeric characters in ASCII
+
+
 def _is_numeric(c: str) -> bool:
     return unicodedata.category(c) in ("Nd", "Nl", "No")  # Rust's char::is_numeric, not str.isnumeric
+
+
+def _digit_spans(text: str) -> list[tuple[int, int]]:
+    if text.isascii():
+        return [m.span() for m in _ASCII_DIGIT.finditer(text)]
+    return _char_runs(text, _is_numeric)
 
 
 class Digits:
@@ -143,7 +154,7 @@ class Digits:
 
     def __call__(self, pieces: list[str], at_start: bool = True) -> list[str]:
         behavior = "Isolated" if self.individual_digits else "Contiguous"
-        return [q for p in pieces for q in split_spans(p, _char_runs(p, _is_numeric), behavior)]
+        return [q for p in pieces for q in split_spans(p, _digit_spans(p), behavior)]
 
     def to_hf(self) -> dict:
         return {"type": "Digits", "individual_digits": self.individual_digits}
@@ -286,3 +297,26 @@ def ends_in_byte_level(pre_tokenizer) -> bool:
     while isinstance(pre_tokenizer, PreTokenizerSequence) and pre_tokenizer.pre_tokenizers:
         pre_tokenizer = pre_tokenizer.pre_tokenizers[-1]
     return isinstance(pre_tokenizer, ByteLevel)
+
+
+def raw_piece_split(pre_tokenizer) -> Callable[[str], list[str]] | None:
+    """text -> the pieces the pre-tokenizer makes, before ByteLevel spells them in the byte alphabet, for
+    pipelines that only cut the raw text and end in ByteLevel without a prefix space: GPT-2's ByteLevel alone,
+    SmolLM2's Digits then ByteLevel, Llama 3's Split then ByteLevel without its regex. Such a tokenizer can
+    cache its ids by the raw piece and merge new pieces in batches. None for any other pipeline."""
+    steps = pre_tokenizer.pre_tokenizers if isinstance(pre_tokenizer, PreTokenizerSequence) else [pre_tokenizer]
+    if not steps:
+        return None
+    *cuts, last = steps
+    if not isinstance(last, ByteLevel) or last.add_prefix_space or not all(type(c) in (Digits, Split) for c in cuts):
+        return None
+    if not cuts:
+        return pretokenize if last.use_regex else lambda text: [text] if text else []
+
+    def split(text: str) -> list[str]:
+        pieces = [text]
+        for cut in cuts:
+            pieces = cut(pieces)
+        return [q for p in pieces for q in pretokenize(p)] if last.use_regex else [p for p in pieces if p]
+
+    return split

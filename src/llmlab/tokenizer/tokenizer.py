@@ -17,11 +17,10 @@ import regex
 
 from . import chat as chat_templates
 from .bpe import BPE
-from .bytelevel import pretokenize
 from .decode import ByteLevelDecoder, WordPieceDecoder, decoder_from_hf
 from .normalize import BertNormalizer, normalizer_from_hf
 from .postprocess import TemplateProcessing, post_processor_from_hf
-from .pretokenize import BertPreTokenizer, ByteLevel, byte_symbols, pre_tokenizer_from_hf
+from .pretokenize import BertPreTokenizer, ByteLevel, byte_symbols, pre_tokenizer_from_hf, raw_piece_split
 from .vocab import CACHE_LIMIT
 from .wordpiece import WordPiece, read_vocab_txt, write_vocab_txt
 
@@ -108,10 +107,9 @@ class Tokenizer:
             if tok is not None and self.token_to_id(tok) is None:
                 raise ValueError(f"{name} {tok!r} is not in the vocab; special tokens are {specials}")
         self._fast = None
-        # GPT-2-style pipelines (nothing but the ByteLevel regex split before the model) take a shortcut:
-        # a cache keyed by the raw regex piece, which skips spelling cached pieces in the byte alphabet.
-        plain = isinstance(pre_tokenizer, ByteLevel) and pre_tokenizer.use_regex and not pre_tokenizer.add_prefix_space
-        self._piece_split = pretokenize if plain and normalizer is None and not normed else None
+        # Byte-level pipelines that only cut the raw text (GPT-2, SmolLM2, Llama 3) take a shortcut: a cache keyed
+        # by the raw piece, which skips spelling cached pieces in the byte alphabet.
+        self._piece_split = raw_piece_split(pre_tokenizer) if normalizer is None and not normed else None
         self._piece_cache: dict[str, list[int]] = {}
 
     # --- vocabulary ------------------------------------------------------------------------------------
