@@ -79,6 +79,8 @@ def test_encode_batch_with_added_tokens_post_processing_and_a_small_cache(saved,
     many = CORPUS + texts
     assert small.encode_batch(many, fast=False) == [load(saved).encode(t) for t in many]
     assert len(small._piece_cache) <= 3
+    assert [small.encode(t) for t in many] == [load(saved).encode(t) for t in many]
+    assert len(small._piece_cache) <= 3 and len(small.model._cache) == 0  # pieces are cached once, by raw text
     with pytest.raises(TypeError, match="encode expects a str"):
         small.encode_batch(["ok", 5], fast=False)
 
@@ -149,12 +151,15 @@ def cut_then_byte_level(saved, request, tmp_path_factory):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(codec="utf-8"), max_size=30)
-                | st.from_regex(r"[a-c 1-9٣½人=\n]{0,60}", fullmatch=True), max_size=12))
+                | st.from_regex(r"[a-c 1-9٣½人=\n\t']{0,60}", fullmatch=True), max_size=12))
 def test_pipelines_that_cut_before_byte_level_take_the_shortcut_with_the_same_ids(cut_then_byte_level, texts):
+    from llmlab.tokenizer.fast import tiktoken_encoder
+
     tok = load(cut_then_byte_level)
-    assert tok._piece_split is not None
+    assert tok._piece_split is not None and tiktoken_encoder(tok) is not None
     hf = tokenizers.Tokenizer.from_file(cut_then_byte_level)
     expected = [e.ids for e in hf.encode_batch(texts)]
+    assert tok.encode_batch(texts) == expected  # tiktoken
     assert tok.encode_batch(texts, fast=False) == expected
     assert [tok.encode(t) for t in texts] == expected  # now from the piece cache
     assert [load(cut_then_byte_level).encode(t) for t in texts] == expected  # and each alone, cold
@@ -170,3 +175,24 @@ def test_other_pipelines_take_no_shortcut():
                      PreTokenizerSequence([Whitespace(), ByteLevel()]), PreTokenizerSequence([ByteLevel(), Digits()]),
                      PreTokenizerSequence([])):
         assert raw_piece_split(pipeline) is None, pipeline
+
+
+@pytest.mark.parametrize("individual", [True, False])
+def test_one_regex_for_digits_then_gpt2_splits_every_short_string_alike(individual):
+    """tiktoken takes one pattern; Digits followed by GPT-2's split must give the same pieces on every string
+    of up to 5 characters from letters, digits, spaces, newlines, punctuation and an apostrophe."""
+    import itertools
+
+    import regex
+
+    from llmlab.tokenizer.bytelevel import pretokenize
+    from llmlab.tokenizer.fast import gpt2_after_digits_pattern
+    from llmlab.tokenizer.pretokenize import Digits
+
+    one = regex.compile(gpt2_after_digits_pattern(individual))
+    digits = Digits(individual)
+    for n in range(1, 6):
+        for chars in itertools.product("a1 \n-'", repeat=n):
+            text = "".join(chars)
+            assert one.findall(text) == [q for p in digits([text]) for q in pretokenize(p)], text
+

@@ -1,9 +1,9 @@
 """Bulk encoding handed to a compiled library when one is installed, with the same ids as the Python pipeline.
 
-- tiktoken, for plain byte-level BPE (no normalizer; the GPT-2 regex or one Split regex, then ByteLevel;
-  no post-processor): built from our own merges. tiktoken merges the adjacent pair whose concatenation has
-  the lowest rank and returns ranks as ids, so this is exact when token ids grow with merge order (checked
-  here) -- true of every tokenizer we train.
+- tiktoken, for plain byte-level BPE (no normalizer; the GPT-2 regex, Digits then the GPT-2 regex as SmolLM2
+  has it, or one Split regex, then ByteLevel; no post-processor that adds ids): built from our own merges.
+  tiktoken merges the adjacent pair whose concatenation has the lowest rank and returns ranks as ids, so this
+  is exact when token ids grow with merge order (checked here) -- true of every tokenizer we train.
 - `tokenizers`, for every other pipeline: our tokenizer.json loaded by the library that defined the format.
 """
 
@@ -11,7 +11,17 @@ import json
 
 from .bpe import BPE
 from .bytelevel import GPT2_PATTERN, symbols_to_bytes
-from .pretokenize import ByteLevel, PreTokenizerSequence, Split
+from .postprocess import ByteLevelProcessing, TemplateProcessing
+from .pretokenize import ByteLevel, Digits, PreTokenizerSequence, Split
+
+
+def gpt2_after_digits_pattern(individual_digits: bool) -> str:
+    """One regex for Digits (each digit alone, or digit runs) followed by GPT-2's split. Digits cuts the text at
+    every number first, so a number never takes GPT-2's optional leading space, and a whitespace run just
+    before a number ends its piece and stays whole: it is matched before GPT-2's `\s+(?!\S)`, which would
+    leave its last space for the next piece."""
+    number = r"\p{N}" if individual_digits else r"\p{N}+"
+    return rf"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+|{number}| ?[^\s\p{{L}}\p{{N}}]+|\s+(?=\p{{N}})|\s+(?!\S)|\s+"""
 
 
 def _tiktoken_pattern(tok) -> str | None:
@@ -19,11 +29,22 @@ def _tiktoken_pattern(tok) -> str | None:
     if isinstance(pre, ByteLevel) and pre.use_regex and not pre.add_prefix_space:
         return GPT2_PATTERN
     if isinstance(pre, PreTokenizerSequence) and len(pre.pre_tokenizers) == 2:
-        split, byte_level = pre.pre_tokenizers
-        if isinstance(split, Split) and split.is_regex and split.behavior == "Isolated" and not split.invert \
-                and isinstance(byte_level, ByteLevel) and not byte_level.use_regex and not byte_level.add_prefix_space:
-            return split.pattern
+        first, byte_level = pre.pre_tokenizers
+        if not isinstance(byte_level, ByteLevel) or byte_level.add_prefix_space:
+            return None
+        if isinstance(first, Split) and first.is_regex and first.behavior == "Isolated" and not first.invert \
+                and not byte_level.use_regex:
+            return first.pattern
+        if type(first) is Digits and byte_level.use_regex:
+            return gpt2_after_digits_pattern(first.individual_digits)
     return None
+
+
+def _adds_no_ids(post_processor) -> bool:
+    """True when post-processing a single sequence leaves its ids as they are (SmolLM2's template is just "A")."""
+    if post_processor is None or isinstance(post_processor, ByteLevelProcessing):
+        return True
+    return isinstance(post_processor, TemplateProcessing) and [k for k, *_ in post_processor.single] == ["seq"]
 
 
 def tiktoken_encoder(tok):
@@ -31,7 +52,7 @@ def tiktoken_encoder(tok):
     missing."""
     model = tok.model
     pattern = _tiktoken_pattern(tok)
-    if pattern is None or tok.normalizer is not None or tok.post_processor is not None or not isinstance(model, BPE):
+    if pattern is None or tok.normalizer is not None or not _adds_no_ids(tok.post_processor) or not isinstance(model, BPE):
         return None
     if model.prefix or model.suffix or model.byte_fallback or model.unk_token is not None or model.ignore_merges:
         return None

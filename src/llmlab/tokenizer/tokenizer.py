@@ -196,13 +196,15 @@ class Tokenizer:
             new = [p for p, got in zip(pieces, found) if got is None]
             # a text with many new pieces merges them together, as encode_batch does
             known = self._cache_new_pieces(new) if len(new) >= MANY_NEW_PIECES else cache
+            # past this cache, the model's own would only hold the same pieces a second time
+            merge = getattr(self.model, "_tokenize", self.model.tokenize)
             for k, piece in enumerate(pieces):
                 if found[k] is None:
                     got = known.get(piece)
                     if got is None:
                         if len(cache) >= CACHE_LIMIT:
                             cache.clear()
-                        got = cache[piece] = self.model.tokenize(byte_symbols(piece))
+                        got = cache[piece] = merge(byte_symbols(piece))
                     found[k] = got
         return [i for got in found for i in got]
 
