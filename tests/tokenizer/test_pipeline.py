@@ -271,6 +271,27 @@ def test_fast_path_tiktoken_gives_identical_ids():
         assert ours.encode_batch(texts, parse_special=parse_special) == expected
 
 
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_tiktoken_only_where_every_token_merges_from_its_own_bytes(ignore_merges):
+    """tiktoken has no merge list: it joins any two adjacent tokens that spell a token. With merges b c, a b,
+    ab c, the bytes of "abc" merge into a + bc and never into abc, which tiktoken would reach: such a vocab stays
+    off tiktoken. With a b, ab c, b c it is exact, ignore_merges or not."""
+    pytest.importorskip("tiktoken")
+    from llmlab.tokenizer.bpe import BPE
+    from llmlab.tokenizer.bytelevel import BYTE_TO_UNICODE
+    from llmlab.tokenizer.fast import tiktoken_encoder
+    from llmlab.tokenizer.tokenizer import byte_level_bpe
+
+    vocab = {c: i for i, c in enumerate(BYTE_TO_UNICODE.values())}
+    texts = ["abc abc", "abcd", "xabc", "bcabc", "ab"]
+    for merges, exact in (([("b", "c"), ("a", "b"), ("ab", "c")], False), ([("a", "b"), ("ab", "c"), ("b", "c")], True)):
+        full = {**vocab, **{a + b: 256 + i for i, (a, b) in enumerate(merges)}}
+        tok = byte_level_bpe(BPE(full, merges, ignore_merges=ignore_merges))
+        assert (tiktoken_encoder(tok) is not None) == exact
+        assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+        assert tok.encode("abcd") == ([full["abc"], full["d"]] if exact else [full["a"], full["bc"], full["d"]])
+
+
 def test_fast_path_tokenizers_for_other_pipelines():
     wp = train(CORPUS, kind="wordpiece", vocab_size=300, min_frequency=1)
     char = train(CORPUS, vocab_size=400, byte_level=False)

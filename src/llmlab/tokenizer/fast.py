@@ -3,7 +3,10 @@
 - tiktoken, for plain byte-level BPE (no normalizer; the GPT-2 regex, Digits then the GPT-2 regex as SmolLM2
   has it, or one Split regex, then ByteLevel; no post-processor that adds ids): built from our own merges.
   tiktoken merges the adjacent pair whose concatenation has the lowest rank and returns ranks as ids, so this
-  is exact when token ids grow with merge order (checked here) -- true of every tokenizer we train.
+  is exact when token ids grow with merge order and every token's own bytes merge back into that token (both
+  checked here) -- true of every tokenizer we train and of SmolLM2's. (tiktoken knows no merge list: it joins
+  any two adjacent tokens that spell a token, and takes a pre-token that is a token whole, as
+  `ignore_merges` does.)
 - `tokenizers`, for every other pipeline: our tokenizer.json loaded by the library that defined the format.
 """
 
@@ -47,6 +50,20 @@ def _adds_no_ids(post_processor) -> bool:
     return isinstance(post_processor, TemplateProcessing) and [k for k, *_ in post_processor.single] == ["seq"]
 
 
+def _every_token_merges_from_its_bytes(model: BPE) -> bool:
+    """Merging a token's bytes (the merge loop, never ignore_merges' whole-word look-up) gives that token: else
+    tiktoken, which joins any two adjacent tokens that spell a token, would reach a token the merges never do."""
+    vocab, words = model.vocab, [a + b for a, b in model.merges]
+    if model.ignore_merges:  # tokenize would take each word whole
+        try:
+            got = [model._merge([vocab[c] for c in w]) for w in words]
+        except KeyError:  # a byte without a token of its own
+            return False
+    else:
+        got = model.tokenize_many(words)  # all at once, in numpy
+    return all(ids == [vocab[w]] for ids, w in zip(got, words))
+
+
 def tiktoken_encoder(tok):
     """A tiktoken Encoding equivalent to tok, or None when tok is not plain byte-level BPE or the library is
     missing."""
@@ -54,7 +71,7 @@ def tiktoken_encoder(tok):
     pattern = _tiktoken_pattern(tok)
     if pattern is None or tok.normalizer is not None or not _adds_no_ids(tok.post_processor) or not isinstance(model, BPE):
         return None
-    if model.prefix or model.suffix or model.byte_fallback or model.unk_token is not None or model.ignore_merges:
+    if model.prefix or model.suffix or model.byte_fallback or model.unk_token is not None:
         return None
     if any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in tok.added_tokens):
         return None
@@ -79,6 +96,8 @@ def tiktoken_encoder(tok):
         if i <= last:
             return None
         last = i
+    if not _every_token_merges_from_its_bytes(model):
+        return None
     return tiktoken.Encoding("llmlab", pat_str=pattern, mergeable_ranks=ranks,
                              special_tokens={t.content: t.id for t in tok.added_tokens})
 
