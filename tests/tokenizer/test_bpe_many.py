@@ -195,4 +195,3 @@ def test_one_regex_for_digits_then_gpt2_splits_every_short_string_alike(individu
         for chars in itertools.product("a1 \n-'", repeat=n):
             text = "".join(chars)
             assert one.findall(text) == [q for p in digits([text]) for q in pretokenize(p)], text
-
