@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from llmlab.model import ModelConfig, Transformer
-from llmlab.train import PretrainConfig, load_recipe, pretrain
+from llmlab.train import PretrainConfig, build_optimizer, load_recipe, pretrain
 from llmlab.train.metrics import read_metrics
 
 WORDS = ("time people year way day thing man world life hand part child eye woman place work week case point "
@@ -46,7 +46,7 @@ def corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
 def bare_tokens_per_s(cfg: ModelConfig, batch: int, seq: int, steps: int, warmup: int, lr: float) -> float:
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), fused=True)  # as pretrain()'s
+    opt = build_optimizer(model, lr=lr)  # the AdamW pretrain() steps with
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
     for i in range(warmup + steps):
         if i == warmup:

@@ -311,12 +311,12 @@ def seconds_per_step(model_cfg, batch: int, seq_len: int, device, steps: int = 3
     warm-up steps (the allocator's and AdamW's first-step costs): what the pretraining budget is divided by."""
     from llmlab.model import Transformer
     from llmlab.train.metrics import resolve_precision
-    from llmlab.train.optim import can_fuse
+    from llmlab.train.optim import build_optimizer
     from llmlab.train.trainer import precision_context
 
     device = torch.device(device)
     model = Transformer(model_cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=can_fuse(model.parameters()) or None)
+    opt = build_optimizer(model, lr=1e-4)  # the trainer's AdamW
     x = torch.randint(0, model_cfg.vocab_size, (batch, seq_len), device=device)
     precision = resolve_precision("auto", device.type)
     times = []
