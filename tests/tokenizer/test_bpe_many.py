@@ -37,6 +37,17 @@ def pieces_of(tok, texts):
     return list({byte_symbols(p): None for t in texts for p in tok._piece_split(t)})
 
 
+def brute_force_bpe(bpe: BPE, word: str) -> list[int]:
+    """BPE by its definition: merge the lowest-ranked adjacent pair, leftmost first, until none is left."""
+    ids = [bpe.vocab[c] for c in word]
+    while True:
+        found = [(bpe._ranks[p][0], i) for i, p in enumerate(zip(ids, ids[1:])) if p in bpe._ranks]
+        if not found:
+            return ids
+        _, i = min(found)
+        ids[i:i + 2] = [bpe._ranks[(ids[i], ids[i + 1])][1]]
+
+
 def test_many_words_merge_like_one_at_a_time(saved):
     """Held-out-like text in English, Chinese, code and long runs: every pre-token's ids equal the merge loop's;
     the batch is large enough for the numpy rounds, their compaction and the one-by-one tail."""
@@ -92,10 +103,11 @@ def test_runs_of_one_symbol_and_merges_out_of_rank_order():
     merges = [("a", "a"), ("aa", "a"), ("aa", "aa"), ("a", "b"), ("aa", "b"), ("b", "a")]
     bpe = BPE(vocab, merges)
     words = ["a" * n for n in range(1, 60)] + ["ab" * n for n in range(1, 30)] + ["aab" * 7, "baaab" * 9, ""]
-    assert bpe.tokenize_many(words) == [bpe._tokenize(w) for w in words]
+    assert bpe.tokenize_many(words) == [bpe._tokenize(w) for w in words] == [brute_force_bpe(bpe, w) for w in words]
     assert bpe._many.rank_ordered
     shuffled = BPE(vocab, [("aa", "a"), ("a", "a"), ("aa", "aa"), ("a", "b"), ("aa", "b"), ("b", "a")])
-    assert shuffled.tokenize_many(words) == [shuffled._tokenize(w) for w in words]
+    assert shuffled.tokenize_many(words) == [shuffled._tokenize(w) for w in words] == [brute_force_bpe(shuffled, w)
+                                                                                        for w in words]
     assert not shuffled._many.rank_ordered
     # "c" is no token: the batch goes word by word, which drops it (no unk_token), as encode does
     assert bpe.tokenize_many(["abc", "ab"]) == [bpe._tokenize("abc"), bpe._tokenize("ab")] == [[5], [5]]
@@ -195,3 +207,39 @@ def test_one_regex_for_digits_then_gpt2_splits_every_short_string_alike(individu
         for chars in itertools.product("a1 \n-'", repeat=n):
             text = "".join(chars)
             assert one.findall(text) == [q for p in digits([text]) for q in pretokenize(p)], text
+
+
+def test_free_merges_and_characters_merged_first_give_the_definition_s_ids(saved):
+    """The merge loop makes every free pair at once first, and tokenize_raw starts from each character's free
+    merges: both equal BPE by its definition on English, Chinese, code, emoji and long runs."""
+    from llmlab.tokenizer.pretokenize import byte_symbols
+
+    tok = load(saved)
+    rng = random.Random(2)
+    texts = CORPUS + ["😀👍🏽 naïve café 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ½ Ω"] + [
+        "".join(rng.choice("人工智能学习机器是的一个 ab,é😀") for _ in range(n)) for n in range(1, 120)]
+    raw = list({p: None for t in texts for p in tok._piece_split(t)})
+    bpe = tok.model
+    expect = [brute_force_bpe(bpe, byte_symbols(p)) for p in raw]
+    assert [bpe.tokenize_raw(p) for p in raw] == expect
+    assert [bpe._tokenize(byte_symbols(p)) for p in raw] == expect
+    free = bpe._free_pairs()
+    assert bpe._by_character and len(free) > 20
+    merged_inside = [c for c, ids in bpe._char_ids.items() if len(ids) < len(c.encode())]
+    assert len(merged_inside) >= 5  # characters whose own bytes took free merges
+
+
+def test_a_pair_is_free_only_when_no_lower_ranked_merge_can_take_one_of_its_symbols():
+    vocab = {t: i for i, t in enumerate(["a", "b", "c", "x", "xa", "bc", "ab", "abc"])}
+    # (x, a) ranks below (a, b): in "xab" the a goes to x first; (b, c) ranks below (a, b): in "abc" b goes to c
+    bpe = BPE(vocab, [("x", "a"), ("b", "c"), ("a", "b"), ("ab", "c")])
+    assert bpe._free_pairs() == {(vocab["x"], vocab["a"]): vocab["xa"], (vocab["b"], vocab["c"]): vocab["bc"],
+                                 (vocab["ab"], vocab["c"]): vocab["abc"]}
+    for word in ("xab", "abc", "xabc", "abcab"):
+        assert bpe._tokenize(word) == brute_force_bpe(bpe, word)
+    assert bpe._tokenize("xab") == [vocab["xa"], vocab["b"]] and bpe._tokenize("abc") == [vocab["a"], vocab["bc"]]
+    # out of rank order ((ab, c) before the merge that makes ab): no pair is free, the loop does everything
+    shuffled = BPE(vocab, [("ab", "c"), ("x", "a"), ("b", "c"), ("a", "b")])
+    assert shuffled._free_pairs() == {}
+    for word in ("xab", "abc", "xabc", "abcab"):
+        assert shuffled._tokenize(word) == brute_force_bpe(shuffled, word)

@@ -68,3 +68,33 @@ def test_template_from_saved_config_and_errors(tmp_path):
     assert again.apply_chat_template(CHAT) == ours.apply_chat_template(CHAT)
     with pytest.raises(ValueError, match="unknown chat template 'nope'"):
         ours.apply_chat_template(CHAT, chat_template="nope")
+
+
+# Reads bos_token and eos_token as well, so they must come from the saved config too.
+CONFIG_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[{{ m['content'] }}]\n{% else %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("jinja_file", [False, True], ids=["in-tokenizer_config", "chat_template.jinja"])
+@pytest.mark.parametrize("gen", [False, True])
+def test_template_from_a_directory_transformers_saved(tmp_path, jinja_file, gen):
+    tokenizers = pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CONFIG_TEMPLATE,
+                                              bos_token="<|begin_of_text|>", eos_token="<|im_end|>")
+    hf.save_pretrained(str(tmp_path), save_jinja_files=jinja_file)
+    ours = load(tmp_path)
+    messages = CHAT if not gen else CHAT[:-1]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    assert text.startswith("<|begin_of_text|>[You are terse.]\n") and "<|im_end|>" in text
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == text
+    ref = hf.apply_chat_template(messages, add_generation_prompt=gen, return_dict=True)
+    assert ours.apply_chat_template(messages, add_generation_prompt=gen) == ref["input_ids"]

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmlab.tokenizer import Tokenizer, load, train
+from llmlab.tokenizer import AddedToken, Tokenizer, count_words, load, train
+from llmlab.tokenizer.bpe import BYTE_TOKENS, train_bpe
 from llmlab.tokenizer.decode import decoder_from_hf
 from llmlab.tokenizer.normalize import normalizer_from_hf
-from llmlab.tokenizer.pretokenize import GPT4_PATTERN, pre_tokenizer_from_hf
+from llmlab.tokenizer.pretokenize import GPT4_PATTERN, Metaspace, pre_tokenizer_from_hf
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
@@ -165,6 +166,55 @@ def test_char_level_bpe_with_byte_fallback_matches_hf(tmp_path):
     assert "<0xE5>" in ours.tokenize("字")  # 字 (E5 AD 97) is not in the training alphabet
 
 
+# limit_alphabet=16 drops x, ½ and ß, each at the end of its word. Only there do `tokenizers`' trainer (which skips
+# a dropped character and pairs its neighbours) and ours (which cuts the word at it, as no merge can span it when
+# encoding) learn the same merges.
+LIMITED = ["the lower newest widest tokens " * 6, "token tokenizer tokenize lowest slower " * 4, "naï naï naï x½ x½ zß"]
+
+
+@pytest.mark.parametrize("byte_fallback", [True, False], ids=["byte_fallback", "unk"])
+def test_limit_alphabet_matches_hf_trainer(tmp_path, byte_fallback):
+    specials = ["<unk>", "<s>"]
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=byte_fallback))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")])
+    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=2, limit_alphabet=16, show_progress=False,
+                                  special_tokens=specials + (BYTE_TOKENS if byte_fallback else []))
+    hf.train_from_iterator(LIMITED, trainer)
+    if byte_fallback:
+        ours = train(LIMITED, vocab_size=320, byte_level=False, special_tokens=["<s>"], limit_alphabet=16)
+    else:  # train() always falls back to bytes; the trainer itself can leave unknown characters to <unk>
+        pre = Metaspace(prepend_scheme="first")
+        model = train_bpe(count_words(LIMITED, pre_tokenizer=pre), 320, special_tokens=specials, unk_token="<unk>",
+                          limit_alphabet=16)
+        ours = Tokenizer(model, pre_tokenizer=pre, decoder=decoder_from_hf(json.loads(hf.to_str())["decoder"]),
+                         added_tokens=[AddedToken(t, model.vocab[t]) for t in specials])
+    # A strict cut (ï: 3 > x, ½: 2), since `tokenizers` orders equally frequent characters arbitrarily.
+    assert {t for t in ours.vocab if len(t) == 1} == set("▁etonwsklrizhdaï")
+    hf_model = json.loads(hf.to_str())["model"]
+    assert ours.model.vocab == hf_model["vocab"]
+    assert ours.merges == [tuple(m) for m in hf_model["merges"]]
+    texts = ["naïve x½ straße", "the lowest token ½ß", "½", "zß naï"]
+    _same_ids(ours, hf, texts)
+    _same_ids(ours, tokenizers.Tokenizer.from_file(ours.save(tmp_path / "tokenizer.json")), texts)
+    # dropped characters: their UTF-8 bytes, or one <unk> for the run
+    assert ours.tokenize("x½") == (["▁", "<0x78>", "<0xC2>", "<0xBD>"] if byte_fallback else ["▁", "<unk>"])
+
+
+def test_limit_alphabet_counts_the_initial_alphabet_once():
+    """`tokenizers` keeps the initial alphabet and then the most frequent other characters, limit_alphabet in all."""
+    text = "aaaa bbb cc d"
+    for initial, limit in ((["q"], 3), (["a"], 2), (["a", "q"], 3)):
+        hf = tokenizers.Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=50, initial_alphabet=initial,
+                                                           limit_alphabet=limit, show_progress=False))
+        ours = train_bpe(count_words(text.split()), 50, initial_alphabet=initial, limit_alphabet=limit)
+        alphabet = {t for t in hf.get_vocab() if len(t) == 1}
+        assert len(alphabet) == limit
+        assert {t for t in ours.vocab if len(t) == 1} == alphabet, (initial, limit)
+
+
 def test_hf_trained_metaspace_bpe_with_unk(tmp_path):
     hf = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]", fuse_unk=True, continuing_subword_prefix="##"))
     hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -174,6 +224,20 @@ def test_hf_trained_metaspace_bpe_with_unk(tmp_path):
     ours = load(_hf_file(hf, tmp_path))
     for text in HELD_OUT:
         assert ours.encode(text) == hf.encode(text).ids, text
+
+
+@pytest.mark.parametrize("options", [{"continuing_subword_prefix": "##"}, {"end_of_word_suffix": "</w>"}, {}],
+                         ids=["prefix", "suffix", "plain"])
+def test_char_level_bpe_on_latin1_symbols_matches_hf(tmp_path, options):
+    """U+0080-U+00BF (½ ° ± µ « » ...) are plain characters to a character-level BPE, though GPT-2's byte
+    alphabet spells UTF-8 continuation bytes with the same code points: subword prefixes, end-of-word suffixes
+    and fused <unk> runs apply across them as `tokenizers` applies them."""
+    texts = ["a½b a½b c½ab 25°C ±3 «x» µm"] * 3
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]", fuse_unk=True, **options))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"], show_progress=False,
+                                                      **options))
+    _same_ids(load(_hf_file(hf, tmp_path)), hf, ["a½b c½ab", "x½y yz½ ½ß", "25°C ±3 «µ»"])
 
 
 def test_added_token_options_match_hf(tmp_path):
@@ -216,14 +280,57 @@ def _byte_level():
     return _CACHE["bpe"]
 
 
-def test_roberta_processing_matches_hf(tmp_path):
+def _tiny_wordpiece(post_processor):
+    """A five-token WordPiece with <s> = 0 and </s> = 1, to test post-processors on."""
     hf = tokenizers.Tokenizer(models.WordPiece({"<s>": 0, "</s>": 1, "[UNK]": 2, "a": 3, "b": 4}, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf.post_processor = processors.RobertaProcessing(("</s>", 1), ("<s>", 0))
+    hf.post_processor = post_processor
+    return hf
+
+
+def test_roberta_processing_matches_hf(tmp_path):
+    hf = _tiny_wordpiece(processors.RobertaProcessing(("</s>", 1), ("<s>", 0)))
     ours = load(_hf_file(hf, tmp_path))
     for a, b in [("a b", None), ("a", "b a"), ("c", "")]:
         enc = hf.encode(a) if b is None else hf.encode(a, b)
         assert ours.encode_with_type_ids(a, b) == (enc.ids, enc.type_ids)
+
+
+TRAILING_EOS = [
+    processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]),
+    processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                  special_tokens=[("<s>", 0), ("</s>", 1)]),
+    processors.TemplateProcessing(single="<s> $A </s>", pair="<s>:0 $A:0 </s>:0 $B:1 </s>:1",
+                                  special_tokens=[("<s>", 0), ("</s>", 1)]),
+]
+PAIRS = [("a b", None), ("", None), ("a", "b a"), ("c", ""), ("", "a b")]
+
+
+@pytest.mark.parametrize("post", TRAILING_EOS, ids=["eos", "bos-eos", "bos-eos-typed"])
+def test_trailing_eos_template_matches_hf(tmp_path, post):
+    hf = _tiny_wordpiece(post)
+    ours = load(_hf_file(hf, tmp_path))
+    written = tokenizers.Tokenizer.from_file(ours.save(tmp_path / "ours.json"))  # our template, read by the library
+    for a, b in PAIRS:
+        for lib in (hf, written):
+            enc = lib.encode(a, b)
+            assert ours.encode_with_type_ids(a, b) == (enc.ids, enc.type_ids), (a, b)
+        # Without special tokens the template still types the sequences.
+        plain = hf.encode(a, b, add_special_tokens=False)
+        b_ids = None if b is None else ours.encode(b, add_special_tokens=False)
+        assert ours.post_processor(ours.encode(a, add_special_tokens=False), b_ids, add_special_tokens=False) == \
+            (plain.ids, plain.type_ids)
+    assert ours.encode("a")[-1] == 1  # the EOS really is last
+
+
+@pytest.mark.parametrize("post", [TRAILING_EOS[0], processors.RobertaProcessing(("</s>", 1), ("<s>", 0))],
+                         ids=["eos", "roberta"])
+def test_pair_type_ids_without_special_tokens_match_hf(tmp_path, post):
+    hf = _tiny_wordpiece(post)
+    ours = load(_hf_file(hf, tmp_path))
+    for a, b in PAIRS:
+        plain = hf.encode(a, b, add_special_tokens=False)
+        assert ours.encode_with_type_ids(a, b, add_special_tokens=False) == (plain.ids, plain.type_ids), (a, b)
 
 
 # --- other file formats -------------------------------------------------------------------------------------
@@ -243,6 +350,20 @@ def test_vocab_json_and_merges_txt(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
     with pytest.raises(ValueError, match="merges.txt:2: expected two tokens"):
         load(vocab_path)
+
+
+def test_vocab_json_and_merges_txt_written_by_tokenizers(tmp_path):
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    vocab_path, merges_path = hf.model.save(str(tmp_path))  # GPT-2's two files, as the library writes them
+    assert open(merges_path, encoding="utf-8").readline().startswith("#version")
+    ours = load(vocab_path)
+    assert ours.special_tokens == ["<|endoftext|>"] and len(ours.merges) == len(hf.get_vocab()) - 257
+    _same_ids(ours, hf, HELD_OUT + ["<|endoftext|>def f(x):\n    return x ** 2  # 🎉\n<|endoftext|>"])
 
 
 def test_save_directory_loads_in_transformers(tmp_path):
@@ -295,10 +416,18 @@ def test_tiktoken_only_where_every_token_merges_from_its_own_bytes(ignore_merges
 def test_fast_path_tokenizers_for_other_pipelines():
     wp = train(CORPUS, kind="wordpiece", vocab_size=300, min_frequency=1)
     char = train(CORPUS, vocab_size=400, byte_level=False)
-    for ours in (wp, char):
-        texts = HELD_OUT + ["[CLS] x [SEP]"]
-        assert ours.encode_batch(texts) == [ours.encode(t) for t in texts]
-        assert ours.encode_batch(texts, fast=False) == [ours.encode(t) for t in texts]
+    uni = train(CORPUS * 3, kind="unigram", vocab_size=300)
+    texts = HELD_OUT + ["[CLS] x [SEP]", "<unk> and <s>"]
+    for ours in (wp, char, uni):
+        assert ours._fast is None  # nothing chosen before the first batch
+        for parse_special in (True, False):
+            for add in (True, False):
+                expected = [ours.encode(t, add_special_tokens=add, parse_special=parse_special) for t in texts]
+                assert ours.encode_batch(texts, add_special_tokens=add, parse_special=parse_special) == expected
+                assert ours.encode_batch(texts, add_special_tokens=add, parse_special=parse_special,
+                                         fast=False) == expected
+        # the batches above went to the library: `tokenizers` was chosen (tiktoken takes byte-level BPE only)
+        assert getattr(ours._fast, "__name__", None) == "encode_tokenizers"
 
 
 # --- Unigram through the whole pipeline -----------------------------------------------------------------------

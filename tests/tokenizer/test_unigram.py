@@ -444,6 +444,11 @@ def test_quality_close_to_sentencepiece(tmp_path, monkeypatch):
 def test_training_errors():
     with pytest.raises(ValueError, match="empty"):
         train_unigram({}, 100)
+    from llmlab.tokenizer import train
+
+    for texts in ([], ["", ""]):  # the public path: nothing survives pre-tokenization
+        with pytest.raises(ValueError, match="cannot train a tokenizer on an empty corpus"):
+            train(texts, kind="unigram", vocab_size=100)
     with pytest.raises(ValueError, match="too small.*3 distinct characters"):
         train_unigram({"▁ab": 3}, 3)
     with pytest.raises(ValueError, match="too small"):

@@ -43,6 +43,9 @@ HELD_OUT = [
     "Ünïcödé CAFÉ naïve façade — “quotes” … ½ ²",
     "retokenizing the newest unplayable models",
     "x" * 150 + " long words become [UNK]",
+    'def area(r: float) -> float:\n    """Circle area."""\n    if r < 0 or r != r:  # NaN\n'
+    '        raise ValueError(f"bad {r!r}")\n\treturn 3.14159 * r ** 2 + sum([x[i] for i in range(-1, 2)]) // 1\n'
+    "x <<= 2; y = {'k': (a|b) & ~c} @ z^w; s = `t` -> 'λ'  # 变量\n",
 ]
 TRICKY = [
     "",
@@ -159,6 +162,10 @@ def test_trained_vocab_layout(tok):
 def test_trained_matches_hf(tok, tmp_path_factory, text):
     path = tok.save(tmp_path_factory.mktemp("wp") / "tokenizer.json")
     hf = tokenizers.Tokenizer.from_file(path)
+    single = hf.encode(text)
+    assert tok.encode_with_type_ids(text) == (single.ids, single.type_ids)
+    assert tok.tokenize(text) == hf.encode(text, add_special_tokens=False).tokens
+    assert tok.decode(single.ids) == hf.decode(single.ids, skip_special_tokens=False)
     enc = hf.encode(text, "pair: " + text[:20])
     assert tok.encode_with_type_ids(text, "pair: " + text[:20]) == (enc.ids, enc.type_ids)
     assert tok.decode(enc.ids, skip_special_tokens=True) == hf.decode(enc.ids)

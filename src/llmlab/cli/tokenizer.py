@@ -74,7 +74,7 @@ def _eval(args) -> int:
     for path in args.tokenizer:
         tok = load(path)
         for name, lines in read_corpus(args.corpus).items():
-            rows.append({"tokenizer": path, "corpus": name, **evaluate(tok, lines)})
+            rows.append({"tokenizer": path, "corpus": name, **evaluate(tok, lines, progress=True)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

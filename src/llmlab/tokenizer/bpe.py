@@ -15,9 +15,12 @@ from collections.abc import Iterable, Sequence
 from itertools import accumulate
 
 from ..progress import Bar
+from .bytelevel import BYTE_TO_UNICODE
+from .pretokenize import byte_symbols
 from .vocab import VocabModel
 
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+CHAR_CACHE_LIMIT = 1 << 16  # characters kept by tokenize_raw; past it the cache starts again
 
 
 def merge_pair(word: list[int], left: int, right: int, new: int) -> list[int]:
@@ -90,12 +93,50 @@ class BPE(VocabModel):
         self._rank_new = [-1] * len(self.merges)
         for rank, merged_id in self._ranks.values():
             self._rank_new[rank] = merged_id
-        self._many = None  # bpe_many.ManyMerger, built on first use
+        self._tables = self._many = None  # bpe_many.RankTables and ManyMerger, built on first use
+        self._free: dict[tuple[int, int], int] | None = None  # RankTables.free_pairs(), built on first use
+        self._char_ids: dict[str, list[int]] = {}  # tokenize_raw: a character's symbols after its free merges
+        self._by_character: bool | None = None  # whether tokenize_raw can start from _char_ids; decided on first use
+
+    def _rank_tables(self):
+        if self._tables is None:
+            from .bpe_many import RankTables  # numpy: built once, on the first merge
+
+            self._tables = RankTables(self._ranks, len(self.vocab))
+        return self._tables
+
+    def _free_pairs(self) -> dict[tuple[int, int], int]:
+        if self._free is None:
+            self._free = self._rank_tables().free_pairs()
+        return self._free
 
     def _tokenize(self, word: str) -> list[int]:
         if self.ignore_merges and word in self.vocab:
             return [self.vocab[word]]
         ids = self._symbols(word)
+        return self._merge(ids) if len(ids) > 1 else ids
+
+    def tokenize_raw(self, piece: str) -> list[int]:
+        """The ids of a raw pre-token of a byte-level pipeline (one that only cuts the text, then ByteLevel), which
+        tokenize() takes spelled in GPT-2's byte alphabet. Most of the merges in CJK text are inside characters,
+        and with a merge list in rank order many are free (RankTables.free_pairs): those are made once per
+        character and kept, then the merge loop finishes the word. A free merge may be made at any time, so
+        making the ones inside each character first gives the same ids."""
+        if self._by_character is None:  # plain byte-level BPE: every byte a symbol, no option that looks at words
+            self._by_character = bool(self._free_pairs()) and not (self.ignore_merges or self.prefix or self.suffix) \
+                and all(c in self.vocab for c in BYTE_TO_UNICODE.values())
+        if not self._by_character:
+            return self._tokenize(byte_symbols(piece))
+        cache = self._char_ids
+        try:
+            ids = [i for c in piece for i in cache[c]]
+        except KeyError:
+            if len(cache) > CHAR_CACHE_LIMIT:
+                cache.clear()
+            for c in piece:
+                if c not in cache:
+                    cache[c] = self._free_merges(self._symbols(byte_symbols(c)))
+            ids = [i for c in piece for i in cache[c]]
         return self._merge(ids) if len(ids) > 1 else ids
 
     def _symbols(self, word: str) -> list[int]:
@@ -128,11 +169,23 @@ class BPE(VocabModel):
             last_unk = self._unk_id is not None
         return ids
 
+    def _free_merges(self, ids: list[int]) -> list[int]:
+        """ids after merging every free pair (RankTables.free_pairs), all at once since they never overlap, and
+        again until none is left."""
+        free = self._free_pairs().get
+        while True:
+            found = list(map(free, zip(ids, ids[1:])))
+            if found.count(None) == len(found):
+                return ids
+            found.append(None)  # consumed[i]: symbol i was the right half of a merged pair
+            ids = [t if f is None else f for t, f, consumed in zip(ids, found, [None] + found) if consumed is None]
+
     def _merge(self, ids: list[int]) -> list[int]:
         """Apply merges lowest rank first, leftmost on ties (the order `tokenizers` uses, which matters only
         when two merges produce the same token). A heap of candidate pairs over a linked list of symbols keeps
         this O(n log n) in the piece length: Chinese text without spaces makes pre-tokens hundreds long.
         Short pieces (most words) are faster with a plain rescan for the best pair."""
+        ids = self._free_merges(ids)
         ranks, n = self._ranks, len(ids)
         get = ranks.get
         if n <= 12:
@@ -176,7 +229,7 @@ class BPE(VocabModel):
             if self._many is None:
                 from .bpe_many import ManyMerger
 
-                self._many = ManyMerger(self._ranks, self.vocab)
+                self._many = ManyMerger(self._rank_tables(), self.vocab)
             if self._many.rank_ordered:
                 got = self._many.tokenize(symbols, lengths, self._merge)
                 if got is not None:
@@ -234,9 +287,10 @@ def train_bpe(
     """Learn merges on pre-tokens (each character one initial symbol) until the vocab reaches vocab_size.
 
     Id layout: special tokens, then the 256 byte tokens if byte_fallback, then the alphabet (initial_alphabet
-    in its order, then the corpus characters sorted), then merges in the order learned. limit_alphabet keeps
-    only that many of the most frequent corpus characters (ties: smaller code point); merges never cross a
-    dropped character, which byte_fallback (or unk_token) covers at encoding time.
+    in its order, then the corpus characters sorted), then merges in the order learned. limit_alphabet caps the
+    alphabet: the initial alphabet, always kept whole, then the most frequent other corpus characters (ties:
+    smaller code point). Merges never cross a dropped character (it cuts its word, where `tokenizers` joins the
+    characters around it); byte_fallback (or unk_token) covers it at encoding time.
 
     Tie-breaking: the pair with the highest count wins; among equal counts, the smallest (left id, right id).
     Stops early when the best pair occurs fewer than min_frequency times or no pairs are left.
@@ -255,10 +309,11 @@ def train_bpe(
     for w, f in word_counts.items():
         for c in w:
             char_counts[c] += f
-    corpus_chars = sorted(char_counts, key=lambda c: (-char_counts[c], c))
+    # the initial alphabet counts toward limit_alphabet once; the corpus fills the rest with characters it lacks
+    corpus_chars = sorted(set(char_counts) - set(alphabet), key=lambda c: (-char_counts[c], c))
     if limit_alphabet is not None:
         corpus_chars = corpus_chars[: max(0, limit_alphabet - len(alphabet))]
-    alphabet += sorted(set(corpus_chars) - set(alphabet))
+    alphabet += sorted(corpus_chars)
     for c in alphabet:
         if c not in token_ids:
             token_ids[c] = len(tokens)

@@ -20,25 +20,47 @@ MIN_ROUND_MERGES = 32
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: multiply by 2^64/φ, keep the top bits
 
 
+class RankTables:
+    """The merge list as arrays (left, right, rank, merged id), whether it is in rank order, and per token the
+    lowest rank of a merge with that token on its right / on its left (NO_PAIR: none)."""
+
+    def __init__(self, ranks: dict[tuple[int, int], tuple[int, int]], vocab_size: int):
+        m, n = len(ranks), vocab_size
+        self.left = np.fromiter((a for a, _ in ranks), dtype=np.int64, count=m)
+        self.right = np.fromiter((b for _, b in ranks), dtype=np.int64, count=m)
+        self.rank = np.fromiter((r for r, _ in ranks.values()), dtype=np.int64, count=m)
+        self.merged = np.fromiter((t for _, t in ranks.values()), dtype=np.int64, count=m)
+        made_at = np.full(n, -1, dtype=np.int64)  # the last rank that makes each token (-1: an initial symbol)
+        np.maximum.at(made_at, self.merged, self.rank)
+        self.rank_ordered = bool(np.all(made_at[self.left] < self.rank) and np.all(made_at[self.right] < self.rank))
+        self.lowest_as_right = np.full(n + 1, NO_PAIR)
+        self.lowest_as_left = np.full(n + 1, NO_PAIR)
+        np.minimum.at(self.lowest_as_right, self.right, self.rank)
+        np.minimum.at(self.lowest_as_left, self.left, self.rank)
+
+    def free_pairs(self) -> dict[tuple[int, int], int]:
+        """(left, right) -> merged id of every merge no lower-ranked merge can take a symbol from: no merge
+        (x, left) and no merge (right, y) ranks below it. In a list in rank order, the one-merge-at-a-time loop
+        merges such a pair wherever it stands, at its turn, whatever happens first; and merging it early creates
+        no pair of lower rank (those contain the merged token, so rank after it). So it can be merged at any
+        time. A pair (x, x) is never free (it is a merge (., x) of its own rank), so free pairs never overlap.
+        Empty when the list is not in rank order."""
+        if not self.rank_ordered:
+            return {}
+        free = (self.rank < self.lowest_as_right[self.left]) & (self.rank < self.lowest_as_left[self.right])
+        return dict(zip(zip(self.left[free].tolist(), self.right[free].tolist()), self.merged[free].tolist()))
+
+
 class ManyMerger:
     """The merge list as an open-addressing hash table of pair keys (left·V + right) -> (rank, merged id),
     looked up for whole arrays at once, and the merge rounds over many words."""
 
-    def __init__(self, ranks: dict[tuple[int, int], tuple[int, int]], vocab: dict[str, int]):
+    def __init__(self, tables: RankTables, vocab: dict[str, int]):
         self.vocab_size = n = len(vocab)
-        m = len(ranks)
-        left = np.fromiter((a for a, _ in ranks), dtype=np.int64, count=m)
-        right = np.fromiter((b for _, b in ranks), dtype=np.int64, count=m)
-        rank = np.fromiter((r for r, _ in ranks.values()), dtype=np.int64, count=m)
-        merged = np.fromiter((t for _, t in ranks.values()), dtype=np.int64, count=m)
-        made_at = np.full(n, -1, dtype=np.int64)  # the last rank that makes each token (-1: an initial symbol)
-        np.maximum.at(made_at, merged, rank)
-        self.rank_ordered = bool(np.all(made_at[left] < rank) and np.all(made_at[right] < rank))
-        # the lowest rank of a merge with each token on its right / on its left (NO_PAIR: none)
-        self.lowest_as_right = np.full(n + 1, NO_PAIR)
-        self.lowest_as_left = np.full(n + 1, NO_PAIR)
-        np.minimum.at(self.lowest_as_right, right, rank)
-        np.minimum.at(self.lowest_as_left, left, rank)
+        m = len(tables.rank)
+        left, right, rank, merged = tables.left, tables.right, tables.rank, tables.merged
+        self.rank_ordered = tables.rank_ordered
+        self.lowest_as_right, self.lowest_as_left = tables.lowest_as_right, tables.lowest_as_left
         # one id per single-character token, by code point, to turn the words' characters into symbols at once
         chars = {ord(t): i for t, i in vocab.items() if len(t) == 1 and ord(t) < 1 << 16}
         self.char_ids = np.full(max(chars, default=-1) + 1, -1, dtype=np.int64)

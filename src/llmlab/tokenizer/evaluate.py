@@ -10,17 +10,26 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from ..progress import Bar
 
-def evaluate(tok, texts: Sequence[str]) -> dict:
-    """Bytes and characters per token, vocabulary use and the unknown-token rate of tok on texts."""
+BATCH = 2048  # texts per encode_batch call: big enough for the batched encoders, small enough for a moving bar
+
+
+def evaluate(tok, texts: Sequence[str], *, progress: bool = False) -> dict:
+    """Bytes and characters per token, vocabulary use and the unknown-token rate of tok on texts.
+    progress=True shows a progress bar on a terminal."""
     if isinstance(texts, str):
         texts = [texts]
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError("cannot evaluate a tokenizer on empty text")
     counts: Counter = Counter()
-    for ids in tok.encode_batch(texts, add_special_tokens=False, parse_special=False):
-        counts.update(ids)
+    with Bar(len(texts), "encoding", progress) as bar:
+        for lo in range(0, len(texts), BATCH):
+            batch = texts[lo:lo + BATCH]
+            for ids in tok.encode_batch(batch, add_special_tokens=False, parse_special=False):
+                counts.update(ids)
+            bar.update(len(batch))
     n_tokens = sum(counts.values())
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_chars = sum(len(t) for t in texts)

@@ -1,5 +1,9 @@
 """Post-processors: add special tokens around encoded sequences and assign token-type ids, e.g. BERT's
-"[CLS] A [SEP] B [SEP]" (B's part has type 1) or Llama's "<s> A". One class per tokenizer.json "type"."""
+"[CLS] A [SEP] B [SEP]" (B's part has type 1) or Llama's "<s> A". One class per tokenizer.json "type".
+
+Each is called as post_processor(a, b, add_special_tokens=True) -> (ids, type_ids). add_special_tokens=False adds
+no tokens but still types the sequences, as `tokenizers` does (a template's "$B:0" keeps B at type 0; RoBERTa's
+are all 0)."""
 
 
 class TemplateProcessing:
@@ -21,11 +25,14 @@ class TemplateProcessing:
         pair = single + [("seq", "B", 1), ("special", sep_token[0], 1)]
         return cls(single, pair, {cls_token[0]: [cls_token[1]], sep_token[0]: [sep_token[1]]})
 
-    def __call__(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int]]:
+    def __call__(self, a: list[int], b: list[int] | None,
+                 add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
         seqs = {"A": a, "B": b}
         ids: list[int] = []
         types: list[int] = []
         for kind, name, type_id in (self.single if b is None else self.pair):
+            if kind == "special" and not add_special_tokens:
+                continue
             piece = seqs[name] if kind == "seq" else self.specials[name]
             ids += piece
             types += [type_id] * len(piece)
@@ -48,7 +55,11 @@ class RobertaProcessing:
                  add_prefix_space: bool = True):
         self.sep, self.cls, self.trim_offsets, self.add_prefix_space = sep, cls, trim_offsets, add_prefix_space
 
-    def __call__(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int]]:
+    def __call__(self, a: list[int], b: list[int] | None,
+                 add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        if not add_special_tokens:
+            ids = a + (b or [])
+            return ids, [0] * len(ids)
         ids = [self.cls[1], *a, self.sep[1]]
         if b is not None:
             ids += [self.sep[1], *b, self.sep[1]]
@@ -62,7 +73,8 @@ class RobertaProcessing:
 class ByteLevelProcessing:
     """Only trims offsets in `tokenizers`; ids pass through unchanged."""
 
-    def __call__(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int]]:
+    def __call__(self, a: list[int], b: list[int] | None,
+                 add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
         return a + (b or []), [0] * len(a) + [1] * len(b or [])
 
     def to_hf(self) -> dict:
@@ -79,8 +91,9 @@ class PostProcessorSequence:
             raise ValueError("a post-processor Sequence with more than one token-adding processor is not supported")
         self._adder = adders[0] if adders else ByteLevelProcessing()
 
-    def __call__(self, a: list[int], b: list[int] | None) -> tuple[list[int], list[int]]:
-        return self._adder(a, b)
+    def __call__(self, a: list[int], b: list[int] | None,
+                 add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        return self._adder(a, b, add_special_tokens)
 
     def to_hf(self) -> dict:
         return {"type": "Sequence", "processors": [p.to_hf() for p in self.processors]}

@@ -197,24 +197,29 @@ class Tokenizer:
             # a text with many new pieces merges them together, as encode_batch does
             known = self._cache_new_pieces(new) if len(new) >= MANY_NEW_PIECES else cache
             # past this cache, the model's own would only hold the same pieces a second time
-            merge = getattr(self.model, "_tokenize", self.model.tokenize)
+            merge = self._merge_raw_piece
             for k, piece in enumerate(pieces):
                 if found[k] is None:
                     got = known.get(piece)
                     if got is None:
                         if len(cache) >= CACHE_LIMIT:
                             cache.clear()
-                        got = cache[piece] = merge(byte_symbols(piece))
+                        got = cache[piece] = merge(piece)
                     found[k] = got
         return [i for got in found for i in got]
+
+    def _merge_raw_piece(self, piece: str) -> list[int]:
+        if hasattr(self.model, "tokenize_raw"):
+            return self.model.tokenize_raw(piece)
+        return getattr(self.model, "_tokenize", self.model.tokenize)(byte_symbols(piece))
 
     def encode_with_type_ids(self, text: str, pair: str | None = None, *, add_special_tokens: bool = True,
                              parse_special: bool = True) -> tuple[list[int], list[int]]:
         """(ids, token_type_ids) for text or the pair (text, pair), e.g. BERT's "[CLS] A [SEP] B [SEP]"."""
         a = self._encode_sequence(text, parse_special)
         b = None if pair is None else self._encode_sequence(pair, parse_special)
-        if add_special_tokens and self.post_processor is not None:
-            return self.post_processor(a, b)
+        if self.post_processor is not None:  # without special tokens it still types the sequences, as `tokenizers` does
+            return self.post_processor(a, b, add_special_tokens)
         return a + (b or []), [0] * len(a) + [1] * len(b or [])
 
     def encode(self, text: str, pair: str | None = None, *, add_special_tokens: bool = True,
@@ -515,6 +520,10 @@ def load(path: str | os.PathLike) -> Tokenizer:
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     config_path = os.path.join(directory, "tokenizer_config.json")
     config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    jinja_path = os.path.join(directory, "chat_template.jinja")  # where transformers 5 saves the template
+    if "chat_template" not in config and os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            config = {**config, "chat_template": f.read()}
     if os.path.isdir(path):
         for name in ("tokenizer.json", "vocab.json", "vocab.txt"):
             if os.path.isfile(os.path.join(path, name)):

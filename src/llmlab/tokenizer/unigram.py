@@ -681,8 +681,8 @@ def train_unigram(word_counts: dict[str, int], vocab_size: int, *, special_token
         if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
             raise ValueError(f"word_counts[{w!r}] must be a count (an int >= 0), got {c!r}")
     words = [w for w, c in word_counts.items() if c > 0]
-    if not words:
-        raise ValueError("word_counts is empty (or all counts are 0): there is nothing to train on")
+    if not words:  # train([], kind="unigram") lands here: name the corpus, as the BPE and WordPiece trainers do
+        raise ValueError("cannot train a tokenizer on an empty corpus (word_counts is empty or all its counts are 0)")
     for name, v, lo in (("vocab_size", vocab_size, 1), ("max_piece_length", max_piece_length, 1),
                         ("n_sub_iterations", n_sub_iterations, 1), ("seed_size", seed_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
