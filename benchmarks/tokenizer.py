@@ -138,17 +138,22 @@ def bench(kind: str, vocab: int, texts: list[str], held_out: list[str], by_langu
         corpus_tok, batch_tok, corpus_batch_tok = load(path), load(path), load(path)
     ours_ids, python_s = _timed(lambda: [ours.encode(t) for t in held_out])
     batched_ids, batched_s = _timed(lambda: batch_tok.encode_batch(held_out, fast=False))
+    # the fast path is built on first use (for tiktoken: the merge ranks, checked token by token); timed apart
+    row["fast_path_build_s"] = round(_timed(lambda: ours.encode_batch([""]))[1], 3)
     fast_ids, fast_s = _timed(lambda: ours.encode_batch(held_out))
     lib_ids, lib_s = _timed(lambda: [lib.encode(t).ids for t in held_out])
     _, lib_batch_s = _timed(lambda: lib.encode_batch(held_out))
     from llmlab.tokenizer.fast import tiktoken_encoder
 
-    row["fast_path"] = "tiktoken" if tiktoken_encoder(ours) is not None else "tokenizers"
+    enc = tiktoken_encoder(ours)
+    row["fast_path"] = "tiktoken" if enc is not None else "tokenizers"
     row["encode_mb_per_s"] = {"llmlab_python": round(held_mb / python_s, 2),
                               "llmlab_python_batched": round(held_mb / batched_s, 2),
                               "llmlab_fast": round(held_mb / fast_s, 2),
                               "tokenizers_call_by_call": round(held_mb / lib_s, 2),
                               "tokenizers_batched": round(held_mb / lib_batch_s, 2)}
+    if enc is not None:  # the library itself on the same merges, with nothing of ours around it
+        row["encode_mb_per_s"]["tiktoken"] = round(held_mb / _timed(lambda: enc.encode_ordinary_batch(held_out))[1], 2)
     row["ids_identical"] = {"tokenizers": ours_ids == lib_ids, "fast_path": ours_ids == fast_ids,
                             "python_batched": ours_ids == batched_ids}
     train_mb = _mb(texts)
@@ -164,12 +169,38 @@ def bench(kind: str, vocab: int, texts: list[str], held_out: list[str], by_langu
         _, lib_s = _timed(lambda: [lib.encode(t) for t in lines])
         row["encode_mb_per_s_by_language"][lang] = {"llmlab_python": round(_mb(lines) / py_s, 2),
                                                     "tokenizers_call_by_call": round(_mb(lines) / lib_s, 2)}
+    row["goals"] = goals(kind, row)
     row["quality"] = {}
     for lang, lines in by_language.items():
         q = evaluate(ours, lines)
         row["quality"][lang] = {"bytes_per_token": round(q["bytes_per_token"], 3),
                                 "vocab_used": round(q["vocab_used"], 3), "unk_rate": round(q["unk_rate"], 4)}
     return row
+
+
+def goals(kind: str, row: dict) -> dict:
+    """The issue's goals as ratios to the reference tools of the same run. They were set as rates on the issue
+    writer's machine, where `tokenizers` encoded 4 MB/s call by call: "the Python encoder at least 2 MB/s" is
+    0.5x `tokenizers` call by call; "the fast path at tiktoken's speed" is our fast path against tiktoken
+    itself on the same merges (met from 0.9x: both are the same library, and single runs move by 10%)."""
+    out = {}
+
+    def check(name, ratio, goal, met):
+        out[name] = {"ratio": round(ratio, 2), "goal": goal, "met": bool(met)}
+
+    if kind == "bpe":
+        check("train_vs_tokenizers", row["train_ratio_vs_tokenizers"], "<= 8", row["train_ratio_vs_tokenizers"] <= 8)
+    if kind == "unigram" and "train_ratio_vs_sentencepiece" in row:
+        r = row["train_ratio_vs_sentencepiece"]
+        check("train_vs_sentencepiece", r, "<= 1", r <= 1)
+    for text, rates in (("held_out", row["encode_mb_per_s"]), ("corpus", row["encode_corpus_mb_per_s"])):
+        for mode in ("llmlab_python", "llmlab_python_batched"):
+            r = rates[mode] / rates["tokenizers_call_by_call"]
+            check(f"{mode}_vs_tokenizers_call_by_call_{text}", r, ">= 0.5", r >= 0.5)
+    if "tiktoken" in row["encode_mb_per_s"]:
+        r = row["encode_mb_per_s"]["llmlab_fast"] / row["encode_mb_per_s"]["tiktoken"]
+        check("fast_vs_tiktoken_held_out", r, ">= 0.9", r >= 0.9)
+    return out
 
 
 def bench_smollm2(held_out: list[str], texts: list[str]) -> dict | str:

@@ -49,6 +49,13 @@ def test_tokenizer_benchmark_runs_and_ids_agree():
         assert row["train_s"]["llmlab"] > 0 and row["encode_mb_per_s"]["llmlab_python"] > 0
         assert row["encode_corpus_mb_per_s"]["llmlab_python"] > 0
         assert row["quality"]["english"]["bytes_per_token"] > 1
+        goals, rates = row["goals"], row["encode_mb_per_s"]
+        assert all(g["ratio"] > 0 and g["met"] in (True, False) for g in goals.values())
+        assert goals["llmlab_python_vs_tokenizers_call_by_call_held_out"]["ratio"] == round(
+            rates["llmlab_python"] / rates["tokenizers_call_by_call"], 2)
+    bpe = result["bpe"]["3000"]
+    assert bpe["fast_path"] == "tiktoken" and bpe["encode_mb_per_s"]["tiktoken"] > 0
+    assert {"train_vs_tokenizers", "fast_vs_tiktoken_held_out"} <= set(bpe["goals"])
 
 
 @pytest.mark.slow
