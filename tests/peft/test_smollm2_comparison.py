@@ -36,7 +36,7 @@ def setup():
     encode = dict(max_len=64, progress=False)
     pad = tok.token_to_id(tok.eos_token)
     train = next(iter(SFTLoader(encode_conversations(convs[:4], tok, **encode), batch_size=4, pad_id=pad)))
-    val = next(iter(SFTLoader(encode_conversations(convs[8:], tok, **encode), batch_size=16, pad_id=pad, drop_last=False,
+    val = next(iter(SFTLoader(encode_conversations(convs[8:16], tok, **encode), batch_size=8, pad_id=pad, drop_last=False,
                               shuffle=False)))
     return model.float(), tok, train, val
 
