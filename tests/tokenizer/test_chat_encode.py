@@ -98,3 +98,42 @@ def test_template_from_a_directory_transformers_saved(tmp_path, jinja_file, gen)
     assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == text
     ref = hf.apply_chat_template(messages, add_generation_prompt=gen, return_dict=True)
     assert ours.apply_chat_template(messages, add_generation_prompt=gen) == ref["input_ids"]
+
+
+TOOL_TEMPLATE = (
+    "{% for t in tools or [] %}<tool>{{ t['function']['name'] }}</tool>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("jinja_files", [False, True], ids=["config-list", "jinja-files"])
+def test_named_templates_are_chosen_as_transformers_chooses(tmp_path, jinja_files):
+    """Several named templates (the config's list form, or chat_template.jinja plus additional_chat_templates/):
+    "tool_use" when tools are given, else "default", or one by name; written back, transformers reads them."""
+    tokenizers = pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    named = {"default": CONFIG_TEMPLATE, "tool_use": TOOL_TEMPLATE}
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=named,
+                                              bos_token="<|begin_of_text|>", eos_token="<|im_end|>")
+    hf.save_pretrained(str(tmp_path / "hf"), save_jinja_files=jinja_files)
+    ours = load(tmp_path / "hf")
+    assert ours.chat_template == named
+    (tmp_path / "ours").mkdir()
+    ours.save(tmp_path / "ours")
+    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
+    assert again.chat_template == named
+    for kwargs in ({}, {"tools": TOOLS}, {"chat_template": "tool_use"}, {"chat_template": "default", "tools": TOOLS}):
+        text = hf.apply_chat_template(CHAT, tokenize=False, **kwargs)
+        assert ours.apply_chat_template(CHAT, tokenize=False, **kwargs) == text, kwargs
+        assert again.apply_chat_template(CHAT, tokenize=False, **kwargs) == text, kwargs
+    assert "<tool>get_weather</tool>" in ours.apply_chat_template(CHAT, tokenize=False, tools=TOOLS)
+    ours.chat_template = {"tool_use": TOOL_TEMPLATE}
+    with pytest.raises(ValueError, match="none named 'default'"):
+        ours.apply_chat_template(CHAT)

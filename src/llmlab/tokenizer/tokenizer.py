@@ -68,7 +68,7 @@ class Tokenizer:
     no splitting / no extra tokens / tokens joined by spaces); model is a BPE, WordPiece or Unigram."""
 
     def __init__(self, model, *, normalizer=None, pre_tokenizer=None, post_processor=None, decoder=None,
-                 added_tokens: Sequence[AddedToken] = (), chat_template: str | None = None,
+                 added_tokens: Sequence[AddedToken] = (), chat_template: str | dict[str, str] | None = None,
                  bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None):
         self.model, self.normalizer, self.pre_tokenizer = model, normalizer, pre_tokenizer
         self.post_processor, self.decoder = post_processor, decoder
@@ -323,10 +323,7 @@ class Tokenizer:
         return_assistant_mask=True returns {"input_ids", "assistant_mask"}, the mask being 1 on the tokens of
         assistant turns (what multi-turn SFT trains on).
         """
-        template = chat_template or self.chat_template
-        if template is None:
-            raise ValueError("this tokenizer has no chat template; pass chat_template= (a Jinja template or a "
-                             "built-in name: chatml, llama3)")
+        template = self._chat_template_source(chat_template, tools)
         if "{" not in template:  # a name: every Jinja template has a "{"
             template = chat_templates.get_template(template)
         variables.setdefault("bos_token", self.bos_token or "")
@@ -339,6 +336,27 @@ class Tokenizer:
                                                 tools=tools, **variables)
         ids, mask = self._encode_chat(text, messages, spans, contents)
         return {"input_ids": ids, "assistant_mask": mask} if return_assistant_mask else ids
+
+    def _chat_template_source(self, chat_template: str | None, tools: list | None) -> str:
+        """The template to render, chosen as transformers chooses: a tokenizer with several named templates
+        takes chat_template as a name among them, else "tool_use" when tools are given and it has one, else
+        "default"."""
+        own = self.chat_template
+        if isinstance(own, dict):
+            if chat_template is not None and chat_template in own:
+                return own[chat_template]
+            if chat_template is None:
+                if tools is not None and "tool_use" in own:
+                    return own["tool_use"]
+                if "default" not in own:
+                    raise ValueError(f"this tokenizer has several chat templates and none named 'default': pass "
+                                     f"chat_template= one of {sorted(own)}")
+                return own["default"]
+        template = chat_template or own
+        if template is None:
+            raise ValueError("this tokenizer has no chat template; pass chat_template= (a Jinja template or a "
+                             "built-in name: chatml, llama3)")
+        return template
 
     def _encode_chat(self, text: str, messages: list[dict], spans: list[tuple[int, int]],
                      contents: list[tuple[int, int]] | None = None):
@@ -412,7 +430,7 @@ class Tokenizer:
                    pre_tokenizer=pre_tokenizer_from_hf(data.get("pre_tokenizer")),
                    post_processor=post_processor_from_hf(data.get("post_processor")),
                    decoder=decoder_from_hf(data.get("decoder")), added_tokens=added,
-                   chat_template=config.get("chat_template"), bos_token=token("bos_token"),
+                   chat_template=_named_templates(config.get("chat_template")), bos_token=token("bos_token"),
                    eos_token=token("eos_token"), pad_token=token("pad_token"))
 
     def config_dict(self) -> dict:
@@ -421,7 +439,9 @@ class Tokenizer:
         for name in ("bos_token", "eos_token", "pad_token"):
             if getattr(self, name) is not None:
                 cfg[name] = getattr(self, name)
-        if self.chat_template is not None:
+        if isinstance(self.chat_template, dict):  # several named templates: the list form transformers reads
+            cfg["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_template.items()]
+        elif self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
         return cfg
 
@@ -513,6 +533,35 @@ def _read_json(path: str) -> dict:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def _named_templates(template):
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} -> a dict by name."""
+    if isinstance(template, list):
+        try:
+            return {t["name"]: t["template"] for t in template}
+        except (TypeError, KeyError):
+            raise ValueError('malformed chat_template list in tokenizer_config.json: expected {"name": ..., '
+                             '"template": ...} objects') from None
+    return template
+
+
+def _chat_template_files(directory: str) -> dict[str, str]:
+    """The chat templates transformers 5 saves beside tokenizer_config.json: chat_template.jinja ("default") and
+    additional_chat_templates/<name>.jinja."""
+    found = {}
+    default = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(default):
+        found["default"] = default
+    extra = os.path.join(directory, "additional_chat_templates")
+    if os.path.isdir(extra):
+        found.update({name[:-len(".jinja")]: os.path.join(extra, name) for name in sorted(os.listdir(extra))
+                      if name.endswith(".jinja")})
+    out = {}
+    for name, file in found.items():
+        with open(file, encoding="utf-8") as f:
+            out[name] = f.read()
+    return out
+
+
 def load(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer.json, a BERT vocab.txt, a GPT-2 vocab.json (merges.txt beside it), or a directory holding
     them (tokenizer.json first; tokenizer_config.json beside it supplies the chat template and bos/eos)."""
@@ -520,10 +569,9 @@ def load(path: str | os.PathLike) -> Tokenizer:
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     config_path = os.path.join(directory, "tokenizer_config.json")
     config = _read_json(config_path) if os.path.isfile(config_path) else {}
-    jinja_path = os.path.join(directory, "chat_template.jinja")  # where transformers 5 saves the template
-    if "chat_template" not in config and os.path.isfile(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            config = {**config, "chat_template": f.read()}
+    templates = _chat_template_files(directory)
+    if templates:  # as in transformers, template files win over the config's entry
+        config = {**config, "chat_template": templates["default"] if list(templates) == ["default"] else templates}
     if os.path.isdir(path):
         for name in ("tokenizer.json", "vocab.json", "vocab.txt"):
             if os.path.isfile(os.path.join(path, name)):
