@@ -78,9 +78,8 @@ CONFIG_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("jinja_file", [False, True], ids=["in-tokenizer_config", "chat_template.jinja"])
-@pytest.mark.parametrize("gen", [False, True])
-def test_template_from_a_directory_transformers_saved(tmp_path, jinja_file, gen):
+def _byte_level_backend():
+    """A byte-level BPE trained by `tokenizers` on CORPUS, for transformers to wrap and save."""
     tokenizers = pytest.importorskip("tokenizers")
     backend = tokenizers.Tokenizer(tokenizers.models.BPE())
     backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -88,6 +87,13 @@ def test_template_from_a_directory_transformers_saved(tmp_path, jinja_file, gen)
     backend.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
         vocab_size=400, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
+    return backend
+
+
+@pytest.mark.parametrize("jinja_file", [False, True], ids=["in-tokenizer_config", "chat_template.jinja"])
+@pytest.mark.parametrize("gen", [False, True])
+def test_template_from_a_directory_transformers_saved(tmp_path, jinja_file, gen):
+    backend = _byte_level_backend()
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CONFIG_TEMPLATE,
                                               bos_token="<|begin_of_text|>", eos_token="<|im_end|>")
     hf.save_pretrained(str(tmp_path), save_jinja_files=jinja_file)
@@ -112,13 +118,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 def test_named_templates_are_chosen_as_transformers_chooses(tmp_path, jinja_files):
     """Several named templates (the config's list form, or chat_template.jinja plus additional_chat_templates/):
     "tool_use" when tools are given, else "default", or one by name; written back, transformers reads them."""
-    tokenizers = pytest.importorskip("tokenizers")
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
-    backend.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    backend = _byte_level_backend()
     named = {"default": CONFIG_TEMPLATE, "tool_use": TOOL_TEMPLATE}
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=named,
                                               bos_token="<|begin_of_text|>", eos_token="<|im_end|>")

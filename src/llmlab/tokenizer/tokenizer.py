@@ -547,18 +547,16 @@ def _named_templates(template):
 def _chat_template_files(directory: str) -> dict[str, str]:
     """The chat templates transformers 5 saves beside tokenizer_config.json: chat_template.jinja ("default") and
     additional_chat_templates/<name>.jinja."""
-    found = {}
-    default = os.path.join(directory, "chat_template.jinja")
-    if os.path.isfile(default):
-        found["default"] = default
+    files = {"default": os.path.join(directory, "chat_template.jinja")}
     extra = os.path.join(directory, "additional_chat_templates")
     if os.path.isdir(extra):
-        found.update({name[:-len(".jinja")]: os.path.join(extra, name) for name in sorted(os.listdir(extra))
+        files.update({name.removesuffix(".jinja"): os.path.join(extra, name) for name in sorted(os.listdir(extra))
                       if name.endswith(".jinja")})
     out = {}
-    for name, file in found.items():
-        with open(file, encoding="utf-8") as f:
-            out[name] = f.read()
+    for name, file in files.items():
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                out[name] = f.read()
     return out
 
 
