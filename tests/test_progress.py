@@ -1,4 +1,5 @@
-"""The progress bar draws on stderr when it is a terminal, and nowhere otherwise."""
+"""Progress bars (llmlab.progress.Bar and the trainer's Progress) draw on stderr when it is a terminal, and
+nowhere otherwise."""
 
 import io
 import sys
@@ -45,3 +46,20 @@ def test_bar_is_silent_when_stderr_is_not_a_terminal(monkeypatch):
     with Bar(None, "counting sheep") as bar:
         bar.update()
     assert err.getvalue() == out.getvalue() == ""
+
+
+def test_training_progress_draws_and_prints_on_stderr_only(monkeypatch):
+    from llmlab.train.metrics import Progress
+
+    a_plain_terminal(monkeypatch)
+    for stderr_is_terminal in (True, False):
+        err, out = Terminal() if stderr_is_terminal else io.StringIO(), Terminal()
+        monkeypatch.setattr(sys, "stderr", err)
+        monkeypatch.setattr(sys, "stdout", out)
+        progress = Progress(total=4, start=0)
+        progress.update(3, {"loss": 1.25, "tokens_per_s": 1000.0, "mfu": None})
+        progress.print("step 3  val loss 1.2000")
+        progress.close()
+        assert "val loss 1.2000" in err.getvalue()
+        assert ("3/4" in err.getvalue() and "loss 1.250" in err.getvalue()) == stderr_is_terminal
+        assert out.getvalue() == ""

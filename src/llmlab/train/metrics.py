@@ -196,10 +196,13 @@ class Progress:
         self._bar = None
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.console import Console
             from rich.progress import Progress as RichProgress
 
+            # on stderr, the terminal just checked (rich's default console is stdout, which may be redirected)
             self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=Console(stderr=True))
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, completed=start, stats="")
 
