@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmlab.infer import LLM, SamplingParams
-from llmlab.model import ModelConfig, Transformer
+from llmlab.model import ModelConfig, Transformer, linear
 
 PROMPTS = [[5, 9, 2, 7, 1], [3, 3, 8], list(range(10, 40)), [4]]
 
@@ -23,12 +23,18 @@ def _run(llm, prompts, n=12):
     return [o.outputs[0].token_ids for o in outs], [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs]
 
 
-def test_compiled_decode_steps_give_the_eager_tokens(model):
+@pytest.mark.parametrize("products", ["measured", "rearranged"])
+def test_compiled_decode_steps_give_the_eager_tokens(model, products, monkeypatch):
     """A counting backend (the graph runs as traced, no code generation) shows the graphs are captured, run and
     few; the outputs show that nothing of a step (positions, key lengths, slots) was frozen into them. Four
-    requests of different lengths on three rows: the batch runs 3, 2 and 1 rows as requests join and finish."""
+    requests of different lengths on three rows: the batch runs 3, 2 and 1 rows as requests join and finish.
+    "rearranged": every few-row product takes the way some CPUs measure fastest ((W·xᵀ)ᵀ for several rows, one
+    row as two columns), which the traced graph must also get right for a symbolic row count."""
     max_num_seqs = 3
     torch._dynamo.reset()
+    monkeypatch.setattr(linear, "PRODUCT_CHOICE", {})
+    if products == "rearranged":
+        monkeypatch.setattr(linear.Linear, "_fastest_way", lambda self, x, rows: "twice" if rows == 1 else "transposed")
     graphs = []
 
     def backend(gm, example_inputs):

@@ -15,8 +15,8 @@ rows it is 2-3× faster again). So in inference each (shape, dtype, bias, rows r
 layout) is timed once on first use: each way on the call's own weight and input, with the CPU caches flushed
 first for weights above CACHE_RESIDENT_BYTES (a decode step reads every weight from memory), best of three. The
 choice is kept in PRODUCT_CHOICE for the rest of the process; set an entry there to pin one. With autograd on,
-or above FEW_ROWS rows, or off the CPU, the product is F.linear; so it is while torch.compile traces a shape
-that was never run eagerly.
+or above FEW_ROWS rows, or off the CPU, the product is F.linear; so it is inside torch.compile, whose row count may
+be symbolic (a batch of several rows) and whose products inductor chooses.
 """
 
 from __future__ import annotations
@@ -49,13 +49,15 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        if x.device.type != "cpu" or not 1 <= rows <= FEW_ROWS or self.out_features == 1:
+        # in a torch.compile trace the row count may be symbolic, and inductor chooses its own products
+        if (x.device.type != "cpu" or torch.compiler.is_compiling() or not 1 <= rows <= FEW_ROWS
+                or self.out_features == 1):
             return F.linear(x, self.weight, self.bias)
         key = (x.dtype, self.out_features, self.in_features, self.bias is not None, _row_bucket(rows),
                self.row_major_output)
         way = PRODUCT_CHOICE.get(key)
         if way is None:
-            if torch.is_grad_enabled() or torch.compiler.is_compiling():  # nothing to time inside a trace
+            if torch.is_grad_enabled():
                 return F.linear(x, self.weight, self.bias)
             way = PRODUCT_CHOICE[key] = self._fastest_way(x, rows)
         return self._product(way, x, rows)
