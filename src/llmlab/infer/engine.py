@@ -294,9 +294,12 @@ class Engine:
     def _prompt_logprobs(self, req: Request, h: torch.Tensor, start: int) -> None:
         """Prompt logprobs for the prompt tokens this chunk predicts (chunked prefill calls it per chunk):
         h[t] is position start+t, which predicts prompt token start+t+1."""
-        end = min(start + h.shape[0], len(req.prompt_ids) - 1)
         if req.prompt_logprobs is None:
             req.prompt_logprobs = [None]
+        done = len(req.prompt_logprobs) - 1 - start  # positions listed before a preemption made them recompute
+        if done > 0:
+            h, start = h[done:], start + done
+        end = min(start + h.shape[0], len(req.prompt_ids) - 1)
         if end > start:
             logits = self.model.head(h[:end - start]).float()
             logits = torch.cat((logits, logits[-1:]))  # a row for the last token, which predicts nothing here

@@ -7,6 +7,7 @@ et al. 2019); frequency and presence penalties are additive over output tokens a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 16  # a longer list is almost always a bug (a string split into characters, for one)
@@ -51,19 +52,22 @@ class SamplingParams:
             raise bad("max_tokens", "it must be an integer >= 1")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", f"it must lie in [0, max_tokens={self.max_tokens}]")
-        if self.temperature < 0:
-            raise bad("temperature", "it must be >= 0 (0 means greedy)")
+        # each rule is written so that NaN fails it too
+        if not 0 <= self.temperature < math.inf:
+            raise bad("temperature", "it must be a finite number >= 0 (0 means greedy)")
         if self.top_k < 0:
             raise bad("top_k", "it must be >= 0 (0 turns it off)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "it must lie in (0, 1] (1 turns it off)")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "it must lie in [0, 1] (0 turns it off)")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "it must be > 0 (1 turns it off)")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise bad("repetition_penalty", "it must be a finite number > 0 (1 turns it off)")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "it must lie in [-2, 2] as in the OpenAI API")
+        if any(math.isnan(b) for b in self.logit_bias.values()):
+            raise bad("logit_bias", "a bias must be a number, not NaN")
         if self.no_repeat_ngram_size < 0:
             raise bad("no_repeat_ngram_size", "it must be >= 0 (0 turns it off)")
         if not isinstance(self.n, int) or self.n < 1:
