@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 )
 
 from llmlab.infer.beam import BeamHypothesis, BeamParams, beam_search, reorder_cache  # noqa: E402
+from llmlab.infer.cache import PagedKVCache  # noqa: E402
 from llmlab.io import config_from_hf, state_dict_from_hf  # noqa: E402
 from llmlab.model import KVCache, Transformer  # noqa: E402
 
@@ -251,7 +252,34 @@ def test_one_beam_is_greedy(eos: tuple[int, ...]) -> None:
         assert ended_by_eos(result, eos) > 0
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- KV caches
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_paged_beams_share_blocks_copy_on_write_and_equal_transformers(family: str, block_size: int) -> None:
+    """The default cache: beams are block tables over a paged pool. They share their common past (fewer blocks
+    in use at peak than every beam owning its own), a beam copies a block before writing into a shared one, the
+    result is transformers', and every block returns to the pool."""
+    hf, ours = models(family)
+    params = BeamParams(4, MAX_TOKENS, 1.0, "never", 4, EOS[family])
+    own = sum(-(-(len(p) + MAX_TOKENS) // block_size) for p in PROMPTS) * params.num_beams
+    cache = PagedKVCache(own + len(PROMPTS) * params.num_beams, block_size, prefix_caching=False)
+    copies = []
+    copy_block = cache.copy_block
+    cache.copy_block = lambda src, dst: copies.append((src, dst)) or copy_block(src, dst)
+    assert_same(beam_search(ours, PROMPTS, params, cache=cache), hf_beam(hf, PROMPTS, params))
+    assert cache.blocks.in_use() == 0 and set(cache.blocks.ref) == {0}
+    if block_size < 16:  # with 16, each beam's whole past is one block, which it owns after its first token
+        assert cache.blocks.peak_in_use < own
+    assert bool(copies) == (block_size > 1)  # with 1, every token starts a block of its own: nothing to copy
+
+
+def test_copied_kv_cache_equals_transformers() -> None:
+    """cache=KVCache(): every beam's past in its own rows, reordered by copying: the same answer."""
+    hf, ours = models("qwen2")
+    params = BeamParams(4, MAX_TOKENS, 2.0, False, 4, EOS["qwen2"])
+    assert_same(beam_search(ours, PROMPTS, params, cache=KVCache()), hf_beam(hf, PROMPTS, params))
+
+
 def test_reorder_cache() -> None:
     cache = KVCache()
     k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
@@ -295,6 +323,17 @@ def test_bad_input(prompts, params: BeamParams, match: str) -> None:
     _, ours = models("llama")
     with pytest.raises(ValueError, match=match):
         beam_search(ours, prompts, params)
+
+
+def test_bad_cache() -> None:
+    _, ours = models("llama")
+    params = BeamParams(num_beams=4, max_tokens=MAX_TOKENS)
+    with pytest.raises(ValueError, match="free blocks of 4 tokens.*may need 40: .*more blocks"):
+        beam_search(ours, PROMPTS, params, cache=PagedKVCache(8, 4))
+    used = KVCache()
+    used.update(0, torch.zeros(1, 1, 2, 4))
+    with pytest.raises(ValueError, match="empty KVCache"):
+        beam_search(ours, PROMPTS, params, cache=used)
 
 
 def test_params_changed_after_construction_are_checked() -> None:

@@ -24,6 +24,12 @@ Each step, for every prompt:
      Search stops when every prompt is done or every candidate of every prompt stopped (max_tokens).
 
 "Impossible" entries carry transformers' additive -1e9 (not -inf), so ties and orderings match it exactly.
+
+The KV cache is paged by default (`PagedKVCache`): each beam is a block table, the num_beams beams of a prompt
+start on the prompt's blocks, and a surviving beam takes its parent's table with the blocks' reference counts
+raised, so beams share every block of their common past. A beam copies a block only when it writes into one it
+shares (copy on write): at most one block per beam and step, where reordering a growing `KVCache` copies each
+beam's whole past every step (still available: pass cache=KVCache()).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from ..model import KVCache, Transformer
+from .cache import PagedKVCache
+
+DEFAULT_BLOCK_SIZE = 16
 
 NEG = -1.0e9  # transformers' "impossible" score, added rather than assigned
 
@@ -119,9 +128,96 @@ def _check_inputs(model: Transformer, prompts: Sequence[Sequence[int]], params: 
     return out
 
 
+class _PagedBeams:
+    """The beams' block tables over a PagedKVCache: shared blocks by reference count, copy on write."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, prompts: list[list[int]], num_beams: int,
+                 max_tokens: int, device) -> None:
+        self.model, self.cache, self.blocks, self.device = model, cache, cache.blocks, device
+        bs = cache.block_size
+        # worst case: no block shared, plus one being copied per beam
+        need = sum(-(-(len(p) + max_tokens) // bs) + 1 for p in prompts) * num_beams
+        if self.blocks.num_free < need:
+            raise ValueError(f"the KV pool has {self.blocks.num_free} free blocks of {bs} tokens; beam search of "
+                             f"{len(prompts)} prompts x {num_beams} beams up to {max_tokens} new tokens may need "
+                             f"{need}: give a PagedKVCache with more blocks")
+        self.tables = [[self.blocks.allocate() for _ in range(-(-len(p) // bs))] for p in prompts]
+        self.lengths = [len(p) for p in prompts]
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """All prompts packed into one row, one forward: [B, vocab] logits of each prompt's last token."""
+        ids = torch.tensor([t for p in prompts for t in p], device=self.device)[None]
+        view = self.cache.packed_view(self.tables, [0] * len(prompts), self.lengths)
+        h = self.model(ids, cache=view, return_logits=False).hidden_states[0]
+        last = torch.tensor(self.lengths, device=self.device).cumsum(0) - 1
+        return self.model.head(h[last])
+
+    def follow(self, rows: list[int]) -> None:
+        """Row i becomes a copy of row rows[i] (its parent): the blocks are shared, not copied."""
+        tables = [list(self.tables[r]) for r in rows]
+        for t in tables:  # take the new references before dropping the old, so no shared block is freed
+            for b in t:
+                self.blocks.incref(b)
+        for t in self.tables:
+            self.blocks.free_all(t)
+        self.tables, self.lengths = tables, [self.lengths[r] for r in rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row: a block for it, copied first when shared. [rows, vocab] logits."""
+        bs = self.cache.block_size
+        for table, length in zip(self.tables, self.lengths):
+            i = length // bs
+            if i == len(table):
+                table.append(self.blocks.allocate())
+            elif self.blocks.ref[table[i]] > 1:
+                new = self.blocks.allocate()
+                self.cache.copy_block(table[i], new)
+                self.blocks.free(table[i])
+                table[i] = new
+        view = self.cache.batch_view(self.tables, self.lengths, [1] * len(self.tables))
+        logits = self.model(tokens[:, None], cache=view).logits[:, -1]
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
+
+    def close(self) -> None:
+        for t in self.tables:
+            self.blocks.free_all(t)
+        self.tables = []
+
+
+class _CopiedBeams:
+    """The beams as rows of a growing KVCache (left-padded prompts), reordered by copying every step."""
+
+    def __init__(self, model: Transformer, cache: KVCache, device) -> None:
+        self.model, self.cache, self.device = model, cache, device
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        mask = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, L - len(p):] = 1
+        return self.model(ids, attention_mask=mask, cache=self.cache).logits[:, -1]
+
+    def follow(self, rows: list[int]) -> None:
+        reorder_cache(self.cache, torch.tensor(rows, device=self.device))
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
+
+    def close(self) -> None:
+        pass
+
+
 @torch.no_grad()
-def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: BeamParams) -> list[list[BeamHypothesis]]:
-    """For each prompt, the num_return_sequences best hypotheses, best first."""
+def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: BeamParams, *,
+                cache: PagedKVCache | KVCache | None = None) -> list[list[BeamHypothesis]]:
+    """For each prompt, the num_return_sequences best hypotheses, best first.
+
+    cache: None for a fresh paged pool (blocks of DEFAULT_BLOCK_SIZE, as many as the search can need); a
+    PagedKVCache to run in (its blocks all return when the search ends); or an empty KVCache to keep every beam's
+    past in its own rows, copied as beams are reordered."""
     prompts = _check_inputs(model, prompts, params)
     device = next(model.parameters()).device
     B, nb, n = len(prompts), params.num_beams, params.max_tokens
@@ -129,16 +225,25 @@ def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: Be
     K = max(2, 1 + len(params.eos_token_ids)) * nb  # candidates kept per prompt and step
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
 
-    # Prefill the B prompts once (left-padded), then copy each prompt's cache rows num_beams times.
-    L = max(len(p) for p in prompts)
-    ids = torch.zeros(B, L, dtype=torch.long, device=device)
-    mask = torch.zeros(B, L, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, L - len(p):] = 1
-    cache = KVCache()
-    logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
-    reorder_cache(cache, torch.arange(B, device=device).repeat_interleave(nb))
+    if cache is None:
+        per_beam = sum(-(-(len(p) + n) // DEFAULT_BLOCK_SIZE) + 1 for p in prompts)
+        cache = PagedKVCache(per_beam * nb, DEFAULT_BLOCK_SIZE, device=device, prefix_caching=False)
+    if isinstance(cache, PagedKVCache):
+        beams = _PagedBeams(model, cache, prompts, nb, n, device)
+    elif isinstance(cache, KVCache) and not cache.layers:
+        beams = _CopiedBeams(model, cache, device)
+    else:
+        raise ValueError(f"cache must be None, a PagedKVCache or an empty KVCache; got {type(cache).__name__}")
+    try:
+        return _search(beams, prompts, params, B, nb, n, alpha, early, K, eos, device)
+    finally:
+        beams.close()
+
+
+def _search(beams, prompts, params: BeamParams, B, nb, n, alpha, early, K, eos, device) -> list[list[BeamHypothesis]]:
+    # Prefill the B prompts once; each prompt's num_beams beams start from its cache.
+    logits = beams.prefill(prompts)
+    beams.follow(torch.arange(B).repeat_interleave(nb).tolist())
     logits = logits.repeat_interleave(nb, dim=0)
 
     # Running beams: tokens so far and accumulated log-probs. Only beam 0 starts live (the others at -1e9), so
@@ -197,8 +302,8 @@ def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: Be
         if not bool(can_improve.any()) or heaps_full or bool(stops.all()):
             break
 
-        reorder_cache(cache, (parent + batch_offset).flatten())
-        logits = model(run_tokens[:, :, t].reshape(B * nb, 1), cache=cache).logits[:, -1]
+        beams.follow((parent + batch_offset).flatten().tolist())
+        logits = beams.step(run_tokens[:, :, t].reshape(B * nb))
 
     return [[BeamHypothesis(fin_tokens[b, i, : fin_len[b, i]].tolist(), float(fin_scores[b, i]))
              for i in range(params.num_return_sequences)] for b in range(B)]
