@@ -149,7 +149,8 @@ class ModelConfig:
         if self.attention == "standard":
             need(
                 self.dim % self.n_heads == 0 or self.head_dim is not None,
-                f"dim={self.dim} is not divisible by n_heads={self.n_heads}; change one or set head_dim",
+                f"dim={self.dim} is not divisible by n_heads={self.n_heads}; valid n_heads for this dim: "
+                f"{[d for d in range(1, self.dim + 1) if self.dim % d == 0]} (or set head_dim)",
             )
             need(self.n_kv_heads > 0, f"n_kv_heads must be positive, got {self.n_kv_heads}")
             need(
@@ -182,12 +183,15 @@ class ModelConfig:
             need(0 < self.moe_top_k <= self.n_experts,
                  f"moe_top_k={self.moe_top_k} must be in 1..n_experts={self.n_experts}")
             need(self.moe_every >= 1, f"moe_every must be >= 1, got {self.moe_every}")
+            need(self.moe_hidden_dim > 0, f"moe_hidden_dim must be positive (None = hidden_dim), got {self.moe_hidden_dim}")
         need(self.n_shared_experts >= 0 and self.n_experts >= 0, "n_experts and n_shared_experts must be >= 0")
         need(self.kind != "encoder" or self.head not in ("lm",),
              "an encoder has no causal LM head; use head='mlm' (or classification/token_classification/span/none)")
         need(self.head not in ("classification", "token_classification") or self.n_labels > 0,
              f"n_labels must be positive, got {self.n_labels}")
         need(self.n_token_types >= 0, "n_token_types must be >= 0")
+        for name in ("norm_eps", "init_std", "embed_scale"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
 
     # ------------------------------------------------------------------ derived
     @property

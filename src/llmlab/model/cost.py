@@ -19,20 +19,20 @@ def _mlp(cfg: ModelConfig, hidden: int) -> int:
     return _linear(cfg.mlp_bias, cfg.dim, hidden * (2 if cfg.gated else 1)) + _linear(cfg.mlp_bias, hidden, cfg.dim)
 
 
-def _attention(cfg: ModelConfig) -> int:
+def _attention(cfg: ModelConfig, norm_gains: bool = True) -> int:
+    """Parameters of one attention layer; norm_gains=False leaves out its norms (MLA's latent norms, QK-norm),
+    which scale rather than multiply matrices."""
     D, H = cfg.dim, cfg.n_heads
     if cfg.attention == "mla":
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        if cfg.q_lora_rank:
-            q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
-        else:
-            q = _linear(cfg.qkv_bias, D, H * qk)
-        kv = _linear(cfg.qkv_bias, D, cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+        gains = (cfg.kv_lora_rank + cfg.q_lora_rank) if norm_gains else 0
+        q = D * cfg.q_lora_rank + cfg.q_lora_rank * H * qk if cfg.q_lora_rank else _linear(cfg.qkv_bias, D, H * qk)
+        kv = _linear(cfg.qkv_bias, D, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         kv += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-        return q + kv + _linear(cfg.attn_out_bias, H * cfg.v_head_dim, D)
+        return q + kv + gains + _linear(cfg.attn_out_bias, H * cfg.v_head_dim, D)
     hd = cfg.head_dim
     qkv = _linear(cfg.qkv_bias, D, (H + 2 * cfg.n_kv_heads) * hd)
-    return qkv + _linear(cfg.attn_out_bias, H * hd, D) + (2 * hd if cfg.qk_norm else 0)
+    return qkv + _linear(cfg.attn_out_bias, H * hd, D) + (2 * hd if cfg.qk_norm and norm_gains else 0)
 
 
 def _ffn(cfg: ModelConfig, layer: int) -> int:
@@ -71,7 +71,7 @@ def num_parameters(cfg: ModelConfig) -> int:
 
 def _layer_matmul_params(cfg: ModelConfig, layer: int) -> int:
     """Weights each token multiplies with in one block (MoE: router, top_k routed and the shared experts only)."""
-    n = _attention(cfg)
+    n = _attention(cfg, norm_gains=False)
     if cfg.is_moe_layer(layer):
         n += cfg.dim * cfg.n_experts + cfg.moe_top_k * _mlp(cfg, cfg.moe_hidden_dim)
         n += _mlp(cfg, cfg.moe_hidden_dim * cfg.n_shared_experts) if cfg.n_shared_experts else 0

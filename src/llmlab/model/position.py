@@ -89,7 +89,7 @@ def _llama3(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Computes cos/sin for given positions; recomputes θ when dynamic NTK sees a longer sequence."""
+    """Computes cos/sin for given positions; recomputes θ per row when dynamic NTK sees a longer sequence."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -101,9 +101,11 @@ class Rotary(nn.Module):
         """positions [B, T] -> cos, sin [B, 1, T, rotary_dim] (broadcast over heads)."""
         inv_freq = self.inv_freq
         if self.cfg.rope_scaling == "dynamic_ntk":
-            seq_len = int(positions.max()) + 1
-            if seq_len > self.cfg.rope_original_max_seq_len:
-                inv_freq = rope_inv_freq(self.cfg, seq_len)[0].to(positions.device)
+            # each row by its own length, so padding next to a longer row changes nothing (transformers takes
+            # the batch's longest row for all)
+            lengths = (positions.amax(dim=-1) + 1).tolist()
+            if max(lengths) > self.cfg.rope_original_max_seq_len:
+                inv_freq = torch.stack([rope_inv_freq(self.cfg, n)[0] for n in lengths]).to(inv_freq)[:, None]
         angles = positions[..., None].float() * inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
