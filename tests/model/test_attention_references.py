@@ -13,7 +13,6 @@ from torch.overrides import TorchFunctionMode
 from llmlab.model import KVCache, ModelConfig, Transformer
 from llmlab.model.attention import attend
 from llmlab.model.mask import AttentionMask
-from llmlab.model.norm import RMSNorm
 from llmlab.model.position import Rotary, apply_rotary
 
 from reference_models import BACKENDS, MLA, TOL, V, build, nano, padded_batch, randomize_
