@@ -7,6 +7,9 @@
   identical. Also the weight bytes read per second, and the floor: one product of a single row with every
   weight matrix and nothing else (no attention, no Python around them; per matrix the faster of matrix-vector
   and the row twice as a two-column product), which bounds any engine's speed on this machine.
+- beam_15m: beam search (4 prompts of 32-96 tokens, 4 beams, --beam-tokens tokens) on the 15.7M shape against
+  transformers' generate(num_beams=4): ours over the paged pool (beams share blocks, copy on write) and over a
+  growing KVCache (rows copied as beams are reordered); identical hypotheses required; KV bytes held at peak.
 - throughput: --requests requests with random prompt and output lengths (seeded). llmlab: all submitted at
   once, continuously batched over the paged KV pool. transformers: padded static batches of 16 in arrival
   order, each run until its longest output. Throughput counts only the tokens the requests asked for; the
@@ -14,7 +17,7 @@
   Both KV layouts: paged (blocks of 16 from a memory budget) and contiguous (a max_seq_len row per
   sequence). Also the KV memory actually used at peak vs allocated.
 
-    python benchmarks/generate.py [--rounds 3] [--new-tokens 128] [--requests 64] [--no-smollm2] [--no-compile]
+    python benchmarks/generate.py [--rounds 3] [--new-tokens 128] [--requests 64] [--beam-tokens 64] [--no-smollm2] [--no-compile]
 
 Prints one JSON object on stdout (rows also go to stderr as they are measured).
 """
@@ -30,9 +33,10 @@ import time
 
 import torch
 
-from llmlab.infer import LLM, SamplingParams
+from llmlab.infer import LLM, BeamParams, PagedKVCache, SamplingParams, beam_search
+from llmlab.infer.beam import DEFAULT_BLOCK_SIZE
 from llmlab.io import config_from_hf, state_dict_from_hf
-from llmlab.model import Transformer
+from llmlab.model import KVCache, Transformer
 
 SHAPE = dict(vocab_size=8192, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
              intermediate_size=1024, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -195,11 +199,60 @@ def throughput(hf, ours, n_requests: int, rounds: int, seed: int = 0) -> dict:
     return row
 
 
+def beams(hf, ours, n_prompts: int, num_beams: int, new_tokens: int, rounds: int) -> dict:
+    """Beam search: transformers' generate(num_beams) against ours over the paged pool (beams share blocks, copy
+    on write) and over a growing KVCache (every beam's past in its own rows, copied when beams are reordered).
+    Same hypotheses required; KV bytes held at peak for both of ours."""
+    vocab = ours.cfg.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (64, 32, 96, 48)[:n_prompts]]
+    params = BeamParams(num_beams, new_tokens, 1.0, False, 1)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    per_beam = sum(-(-(len(p) + new_tokens) // DEFAULT_BLOCK_SIZE) + 1 for p in prompts)
+    pools = []
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return [row[width:].tolist() for row in out]
+
+    def run_paged():
+        pools.append(PagedKVCache(per_beam * num_beams, DEFAULT_BLOCK_SIZE, prefix_caching=False))
+        return [hs[0].token_ids for hs in beam_search(ours, prompts, params, cache=pools[-1])]
+
+    copied = []
+
+    def run_copied():
+        copied.append(KVCache())
+        return [hs[0].token_ids for hs in beam_search(ours, prompts, params, cache=copied[-1])]
+
+    contenders = {"transformers": run_hf, "llmlab_paged": run_paged, "llmlab_kvcache": run_copied}
+    answers = {name: fn() for name, fn in contenders.items()}  # also the warm-up
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    secs = {k: statistics.median(v) for k, v in times.items()}
+    pool = pools[-1]
+    block_bytes = pool.nbytes() / pool.blocks.num_blocks
+    return {"prompts": len(prompts), "num_beams": num_beams, "new_tokens": new_tokens,
+            "identical": answers["llmlab_paged"] == answers["transformers"] == answers["llmlab_kvcache"],
+            "seconds": secs, **{f"speedup_{k}": secs["transformers"] / secs[f"llmlab_{k}"] for k in ("paged", "kvcache")},
+            "kv_mib_paged_at_peak": pool.blocks.peak_in_use * block_bytes / 2**20,
+            "kv_mib_kvcache_at_end": copied[-1].nbytes() / 2**20}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--beam-tokens", type=int, default=64, help="new tokens of the beam-search row (0: no row)")
     p.add_argument("--no-smollm2", action="store_true")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled engine (minutes of compilation)")
@@ -218,6 +271,9 @@ def main() -> None:
     if args.requests:
         result["throughput_15m"] = throughput(hf, ours, args.requests, args.rounds)
         log({"throughput_15m": result["throughput_15m"]})
+    if args.beam_tokens:
+        result["beam_15m"] = beams(hf, ours, 4, 4, args.beam_tokens, args.rounds)
+        log({"beam_15m": result["beam_15m"]})
     if not args.no_smollm2:
         try:
             hf, ours = smollm2()

@@ -73,13 +73,16 @@ def test_load_benchmark_reports_both_loaders():
 
 @pytest.mark.slow
 def test_generate_benchmark_reports_both_layouts():
-    result = run("generate.py", "--rounds", "1", "--new-tokens", "4", "--requests", "4", "--no-smollm2",
-                 "--threads", "1", "--no-compile")  # the compiled engine is tested in tests/infer
+    result = run("generate.py", "--rounds", "1", "--new-tokens", "4", "--requests", "4", "--beam-tokens", "4",
+                 "--no-smollm2", "--threads", "1", "--no-compile")  # the compiled engine is tested in tests/infer
     row = result["decode_b1_15m"]
     assert row["identical"] and row["ms_per_token"]["weights_floor"] > 0
     for layout in ("paged", "contiguous"):
         assert row[f"speedup_{layout}"] > 0
         assert result["throughput_15m"][layout]["llmlab_tokens_per_s"] > 0
+    beam = result["beam_15m"]
+    assert beam["identical"] and beam["speedup_paged"] > 0
+    assert 0 < beam["kv_mib_paged_at_peak"] < beam["kv_mib_kvcache_at_end"]  # the beams share their prompts
 
 
 @pytest.mark.slow
