@@ -196,6 +196,33 @@ def test_switch_aux_loss_equals_mixtral_load_balancing_loss(top_k):
     torch.testing.assert_close(aux * top_k, ref.float(), **TOL)
 
 
+def test_aux_loss_leaves_padding_out_as_mixtral_does_with_its_attention_mask():
+    """Padding tokens are routed but do not count: the auxiliary loss of a padded batch equals transformers'
+    Mixtral loss given the attention mask (× top_k, as above), and a padded row inside a model equals that row
+    alone."""
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    moe = MoE(nano(n_experts=5, moe_top_k=2, moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0))
+    with torch.no_grad():
+        moe.router.weight.normal_(std=0.5)
+    x = torch.randn(2, 11, 64)
+    real = torch.ones(2, 11, dtype=torch.bool)
+    real[1, :4] = False
+    _, aux = moe(x, real)
+    logits = x.reshape(-1, 64) @ moe.router.weight.T
+    ref = load_balancing_loss_func((logits,), num_experts=5, top_k=2, attention_mask=real.long())
+    torch.testing.assert_close(aux * 2, ref.float(), **TOL)
+    assert not torch.allclose(moe(x)[1] * 2, ref.float(), **TOL)  # counting the padding gives another value
+
+    model = build(n_experts=4, moe_top_k=2, moe_aux_loss_coef=1.0, moe_z_loss_coef=0.1)
+    seq = torch.randint(0, V, (7,))
+    ids, mask = padded_batch([seq], "left", T=12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask).aux_loss, model(seq[None]).aux_loss, **TOL)
+
+
 def test_sigmoid_aux_loss_equals_the_deepseek_v3_balance_loss():
     """DeepSeek-V3 (arXiv:2412.19437, eqs. 17-19): s' = s / Σ_j s_j per token, P_i = mean_t s'_i,t,
     f_i = E/(K·T) Σ_t 1[i in top-K of token t], loss = Σ_i f_i P_i; top-2 of 6 experts, computed in float64."""

@@ -32,8 +32,10 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, experts, logits, scores
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, dim] -> (output [B, T, dim], weighted auxiliary loss, a scalar)."""
+    def forward(self, x: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, dim] -> (output [B, T, dim], weighted auxiliary loss, a scalar). real [B, T] bool marks the
+        tokens that are not padding: only they count in the auxiliary losses (as transformers' Mixtral does
+        with its attention mask); padding is still dispatched, its output unused."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts, logits, scores = self.route(x)
@@ -54,6 +56,10 @@ class MoE(nn.Module):
             start += n
         if self.shared is not None:
             out = out + self.shared(x)
+        if real is not None and not bool(real.all()):
+            real = real.reshape(-1)
+            logits, scores = logits[real], scores[real]
+            counts = torch.bincount(experts[real].flatten(), minlength=E)
         return out.view(shape), self.aux_loss(logits, scores, counts)
 
     def aux_loss(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,8 @@ class MoE(nn.Module):
         1 under perfectly uniform routing. Router z-loss (ST-MoE, Zoph et al. 2022): mean_t logsumexp(z_t)²."""
         cfg = self.cfg
         total = logits.new_zeros(())
+        if not len(logits):  # nothing but padding
+            return total
         if cfg.moe_aux_loss_coef:
             probs = scores if cfg.router == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
             f = counts.float() / counts.sum()

@@ -47,8 +47,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
+    def _mlp(self, x: torch.Tensor, mask: AttentionMask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.mlp(x, mask.real_queries()) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         # no module call when dropout does nothing: per-call overhead is what a batch-1 decode step is made of
@@ -58,12 +58,12 @@ class Block(nn.Module):
         if self.pre_norm:  # x + f(norm(x)) (GPT-2 onwards)
             a, probs = self.attn(self.attn_norm(x), rope, mask, cache, self.layer, need_weights)
             x = x + self._drop(a)
-            m, aux = self._mlp(self.mlp_norm(x))
+            m, aux = self._mlp(self.mlp_norm(x), mask)
             return x + self._drop(m), aux, probs
         # norm(x + f(x)) (original Transformer, BERT)
         a, probs = self.attn(x, rope, mask, cache, self.layer, need_weights)
         x = self.attn_norm(x + self._drop(a))
-        m, aux = self._mlp(x)
+        m, aux = self._mlp(x, mask)
         return self.mlp_norm(x + self._drop(m)), aux, probs
 
 
