@@ -220,11 +220,7 @@ def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: Be
     past in its own rows, copied as beams are reordered."""
     prompts = _check_inputs(model, prompts, params)
     device = next(model.parameters()).device
-    B, nb, n = len(prompts), params.num_beams, params.max_tokens
-    alpha, early = params.length_penalty, params.early_stopping
-    K = max(2, 1 + len(params.eos_token_ids)) * nb  # candidates kept per prompt and step
-    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
-
+    nb, n = params.num_beams, params.max_tokens
     if cache is None:
         per_beam = sum(-(-(len(p) + n) // DEFAULT_BLOCK_SIZE) + 1 for p in prompts)
         cache = PagedKVCache(per_beam * nb, DEFAULT_BLOCK_SIZE, device=device, prefix_caching=False)
@@ -235,12 +231,18 @@ def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: Be
     else:
         raise ValueError(f"cache must be None, a PagedKVCache or an empty KVCache; got {type(cache).__name__}")
     try:
-        return _search(beams, prompts, params, B, nb, n, alpha, early, K, eos, device)
+        return _search(beams, prompts, params, device)
     finally:
         beams.close()
 
 
-def _search(beams, prompts, params: BeamParams, B, nb, n, alpha, early, K, eos, device) -> list[list[BeamHypothesis]]:
+def _search(beams: _PagedBeams | _CopiedBeams, prompts: list[list[int]], params: BeamParams,
+            device) -> list[list[BeamHypothesis]]:
+    B, nb, n = len(prompts), params.num_beams, params.max_tokens
+    alpha, early = params.length_penalty, params.early_stopping
+    K = max(2, 1 + len(params.eos_token_ids)) * nb  # candidates kept per prompt and step
+    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
+
     # Prefill the B prompts once; each prompt's num_beams beams start from its cache.
     logits = beams.prefill(prompts)
     beams.follow(torch.arange(B).repeat_interleave(nb).tolist())
