@@ -58,6 +58,17 @@ def copy_bandwidth(mb: int = 256, trials: int = 5) -> float:
     return best
 
 
+def alternate(contenders: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call, the contenders taking turns each round, so a slow spell of a shared machine hits all."""
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def random_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -131,12 +142,7 @@ def decode_b1(hf, ours, new_tokens: int, rounds: int, compile: bool = True) -> d
         t = time.perf_counter()
         warmup_s[k] = (contenders[f"llmlab_{k}"]() == reference, time.perf_counter() - t)
     same = all(ok for ok, _ in warmup_s.values())
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = alternate(contenders, rounds)
     ms = {k: 1e3 * statistics.median(v) / new_tokens for k, v in times.items()}
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     best = min(ms[f"llmlab_{k}"] for k in llms)
@@ -178,12 +184,7 @@ def throughput(hf, ours, n_requests: int, rounds: int, seed: int = 0) -> dict:
         return run
 
     contenders = {"transformers": run_hf, "paged": runner("paged"), "contiguous": runner("contiguous")}
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):  # alternately, so a slow spell of a shared machine hits every contender
-        for name, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = alternate(contenders, rounds)
     secs = {k: statistics.median(v) for k, v in times.items()}
     row = {"requests": n_requests, "tokens_requested": wanted, "rounds": rounds,
            "transformers_tokens_per_s": wanted / secs["transformers"]}
@@ -231,12 +232,7 @@ def beams(hf, ours, n_prompts: int, num_beams: int, new_tokens: int, rounds: int
 
     contenders = {"transformers": run_hf, "llmlab_paged": run_paged, "llmlab_kvcache": run_copied}
     answers = {name: fn() for name, fn in contenders.items()}  # also the warm-up
-    times = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = alternate(contenders, rounds)
     secs = {k: statistics.median(v) for k, v in times.items()}
     pool = pools[-1]
     block_bytes = pool.nbytes() / pool.blocks.num_blocks

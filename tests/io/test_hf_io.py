@@ -143,6 +143,14 @@ def outputs(model: torch.nn.Module, name: str, ours: bool) -> tuple[torch.Tensor
         mask[1, :PAD] = 0
         if not ours:
             kwargs["position_ids"] = (mask.cumsum(1) - 1).clamp_min(0)
+    if not ours and (getattr(model.config, "rope_parameters", None) or {}).get("rope_type") == "dynamic":
+        # dynamic NTK stretches RoPE by the sequence's length: transformers by the batch's longest row, ours by
+        # each row's own, so the reference for a padded row is that row alone
+        with torch.no_grad():
+            logits = torch.zeros(B, T, model.config.vocab_size)
+            for i, keep in enumerate(mask.bool()):
+                logits[i, keep] = model(ids[i, keep][None]).logits[0]
+        return logits, mask.bool()
     with torch.no_grad():
         out = model(ids, attention_mask=mask, **kwargs)
     if ours:

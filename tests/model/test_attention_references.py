@@ -322,6 +322,16 @@ def test_prefix_lm_reduces_to_decoder_and_encoder_at_the_extremes():
         assert (plm(x, prefix_len=P).hidden_states[:, P:-1] - enc(x).hidden_states[:, P:-1]).abs().max() > 1e-3
 
 # ================================================================================================ MLA
+def _shared_weights(sd: dict, n_layers: int) -> dict:
+    """The names every HF Llama-family checkpoint maps the same way: embeddings, final norm, head, block norms."""
+    m = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+         "head.proj.weight": sd["lm_head.weight"]}
+    for i in range(n_layers):
+        m[f"blocks.{i}.attn_norm.weight"] = sd[f"model.layers.{i}.input_layernorm.weight"]
+        m[f"blocks.{i}.mlp_norm.weight"] = sd[f"model.layers.{i}.post_attention_layernorm.weight"]
+    return m
+
+
 def _ds_config(q_lora: int | None, moe: bool):
     from transformers import DeepseekV3Config
 
@@ -343,13 +353,10 @@ def _ds_to_llmlab(hf, q_lora: int | None, moe: bool) -> Transformer:
                       **(dict(n_experts=4, moe_top_k=2, n_shared_experts=1, moe_hidden_dim=32, router="sigmoid",
                               moe_norm_topk=True, moe_every=2) if moe else {}))
     sd = hf.state_dict()
-    m = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-         "head.proj.weight": sd["lm_head.weight"]}
+    m = _shared_weights(sd, 2)
     for i in range(2):
         p, o = f"model.layers.{i}.", f"blocks.{i}."
         a = p + "self_attn."
-        m[o + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        m[o + "mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
         if q_lora:
             m[o + "attn.q_down.weight"] = sd[a + "q_a_proj.weight"]
             m[o + "attn.q_norm.weight"] = sd[a + "q_a_layernorm.weight"]
@@ -440,13 +447,10 @@ def test_qk_norm_matches_qwen3():
     cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64,
                       qk_norm=True, norm_eps=1e-6, rope_theta=hf.config.rope_parameters["rope_theta"])
     sd = hf.state_dict()
-    m = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-         "head.proj.weight": sd["lm_head.weight"]}
+    m = _shared_weights(sd, 2)
     for i in range(2):
         p, o = f"model.layers.{i}.", f"blocks.{i}."
         a = p + "self_attn."
-        m[o + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        m[o + "mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
         m[o + "attn.qkv.weight"] = torch.cat([sd[a + f"{n}_proj.weight"] for n in "qkv"])
         m[o + "attn.out.weight"] = sd[a + "o_proj.weight"]
         m[o + "attn.q_norm.weight"] = sd[a + "q_norm.weight"]
