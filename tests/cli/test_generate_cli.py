@@ -1,7 +1,7 @@
 """`llmlab generate` and `llmlab chat` on a tiny random model saved as an llmlab checkpoint: the CLI's greedy text
-equals LLM.generate / LLM.chat on the same model; --json, --stream, --stop, stdin and --file prompts; the chat
-loop (two turns, /reset, /exit, EOF, a message too long for the window, trimming old turns); fit_history;
-bad input gets exit code 2 and one clear line."""
+equals LLM.generate / LLM.chat on the same model, and --num-beams LLM.beam_search; --json, --stream, --stop, stdin
+and --file prompts; the chat loop (two turns, /reset, /exit, EOF, a message too long for the window, trimming old
+turns); fit_history; bad input gets exit code 2 and one clear line."""
 
 import io
 import json
@@ -90,6 +90,30 @@ def test_generate_json_fields(capsys, ckpt, llm):
     code, out, _ = run(capsys, ["generate", ckpt, "the cat", "--json", "--n", "3", "--seed", "1", "--max-tokens", "4"])
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["index"] for r in rows] == [0, 1, 2]
+
+
+def test_num_beams_equals_llm_beam_search(capsys, ckpt, llm):
+    from llmlab.infer import BeamParams
+
+    prompts = ["the cat sat", "a dog met"]
+    refs = llm.beam_search(prompts, BeamParams(num_beams=3, max_tokens=6, num_return_sequences=2,
+                                               length_penalty=0.5))
+    argv = ["generate", ckpt, *prompts, "--num-beams", "3", "--n", "2", "--max-tokens", "6", "--length-penalty", "0.5"]
+    code, out, _ = run(capsys, argv)
+    assert code == 0
+    assert out == "".join(f"--- prompt {i + 1}, beam {k + 1}\n{h.text}\n"
+                          for i, hs in enumerate(refs) for k, h in enumerate(hs))
+    code, out, _ = run(capsys, [*argv, "--json"])
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [(r["prompt"], r["index"]) for r in rows] == [(p, k) for p in prompts for k in range(2)]
+    for row, h in zip(rows, [h for hs in refs for h in hs]):
+        assert row["text"] == h.text and row["token_ids"] == h.token_ids and row["score"] == pytest.approx(h.score)
+        assert row["finish_reason"] == ("stop" if h.token_ids[-1] in llm.engine.eos_token_ids else "length")
+    for flags, words in ((["--num-beams", "0"], "--num-beams 0 is invalid"),
+                         (["--num-beams", "2", "--n", "3"], "--n 3 is invalid"),
+                         (["--num-beams", "2", "--stream"], "--stream")):
+        code, _, err = run(capsys, ["generate", ckpt, "hi", *flags])
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (flags, err)
 
 
 def test_stream_equals_the_non_streamed_text(capsys, ckpt, llm):

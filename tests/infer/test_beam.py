@@ -29,10 +29,11 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
+from llmlab.infer import LLM  # noqa: E402
 from llmlab.infer.beam import BeamHypothesis, BeamParams, beam_search, reorder_cache  # noqa: E402
 from llmlab.infer.cache import PagedKVCache  # noqa: E402
 from llmlab.io import config_from_hf, state_dict_from_hf  # noqa: E402
-from llmlab.model import KVCache, Transformer  # noqa: E402
+from llmlab.model import KVCache, ModelConfig, Transformer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -250,6 +251,42 @@ def test_one_beam_is_greedy(eos: tuple[int, ...]) -> None:
         torch.testing.assert_close(hyp.score, float(logp[b, :n].sum()) / n ** alpha, atol=1e-4, rtol=0)
     if eos:
         assert ended_by_eos(result, eos) > 0
+
+
+# ---------------------------------------------------------------------------------------------- LLM front end
+def test_llm_beam_search_ends_at_the_engine_eos_and_equals_transformers() -> None:
+    """LLM.beam_search: BeamParams without eos take the engine's end-of-sequence ids, the answer is transformers'
+    with those ids as eos_token_id."""
+    hf, ours = models("llama")
+    llm = LLM(ours, eos_token_ids=EOS["llama"])
+    result = llm.beam_search(PROMPTS, BeamParams(4, MAX_TOKENS, 1.0, False, 4))
+    params = BeamParams(4, MAX_TOKENS, 1.0, False, 4, EOS["llama"])
+    assert_same(result, hf_beam(hf, PROMPTS, params))
+    assert ended_by_eos(result, EOS["llama"]) > 0
+
+
+def test_llm_beam_search_of_text_gives_text_and_checks_the_context_window() -> None:
+    from llmlab.tokenizer import train
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("nano", max_seq_len=40)).eval()
+    tok = train(["the cat sat on the mat and the dog sat on the log " * 30], kind="bpe", vocab_size=300,
+                special_tokens=["<|endoftext|>"])
+    llm = LLM(model, tok)
+    params = BeamParams(num_beams=3, max_tokens=8, num_return_sequences=2)
+    (hyps,) = llm.beam_search("the cat sat", params)
+    eos = tuple(llm.engine.eos_token_ids)
+    want = beam_search(model, [tok.encode("the cat sat")], replace(params, eos_token_ids=eos), vocab_limit=len(tok))
+    assert [h.token_ids for h in hyps] == [h.token_ids for h in want[0]]
+    assert all(t < len(tok) for h in hyps for t in h.token_ids) and len(tok) < model.cfg.vocab_size
+    assert [h.text for h in hyps] == [tok.decode(h.token_ids, skip_special_tokens=True) for h in hyps]
+    assert all(h.text for h in hyps)
+    long = list(range(1, 36))  # 35 tokens + 8 new > 40
+    with pytest.raises(ValueError, match="the prompt has 35 tokens but the context window is 40"):
+        llm.beam_search(long, params)
+    (hyps,) = llm.beam_search(long, params, truncate=True)
+    want = beam_search(model, [long[-32:]], replace(params, eos_token_ids=eos), vocab_limit=len(tok))
+    assert [h.token_ids for h in hyps] == [h.token_ids for h in want[0]]
 
 
 # ---------------------------------------------------------------------------------------------- KV caches

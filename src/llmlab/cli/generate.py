@@ -3,11 +3,14 @@
     llmlab generate smollm2-135m-instruct "Once upon a time" --max-tokens 64 --temperature 0
     llmlab generate ckpt/ --file prompts.jsonl --json          # {"prompt": ...} per line, or plain lines
     echo "Hi" | llmlab generate smollm2-135m-instruct --chat --stream
+    llmlab generate smollm2-135m-instruct "The capital of France" --num-beams 4 --n 2 --max-tokens 16
 
 Prompts come from the arguments, else from --file (one per line, or JSONL with a "prompt" key), else from
 stdin (the same formats). --chat renders each prompt as a user turn through the model's chat template. Output:
 the generated text (one block per completion), --json one JSON line per completion, --stream the single
-prompt's text as it is produced. The sampling and engine flags are shared with `llmlab chat`.
+prompt's text as it is produced. --num-beams N runs beam search instead of sampling (--n best hypotheses per
+prompt, --length-penalty; the sampling flags other than --max-tokens do not apply). The sampling and engine flags
+are shared with `llmlab chat`.
 """
 
 from __future__ import annotations
@@ -195,6 +198,38 @@ def _json_row(prompt: str, req, comp) -> dict:
     return row
 
 
+def _beam_params(args: argparse.Namespace, eos: list[int]):
+    from ..infer import BeamParams
+
+    if args.stream or args.stop or args.seed is not None or args.logprobs is not None:
+        raise ValueError("--num-beams runs beam search: --stream, --stop, --seed and --logprobs do not apply to it")
+    try:
+        return BeamParams(num_beams=args.num_beams, max_tokens=args.max_tokens, length_penalty=args.length_penalty,
+                          num_return_sequences=args.n, eos_token_ids=tuple(eos))
+    except ValueError as e:
+        flags = {"num_return_sequences": "n", "max_tokens": "max-tokens", "length_penalty": "length-penalty",
+                 "num_beams": "num-beams"}
+        raise ValueError(re.sub(r"BeamParams\.(\w+)=", lambda m: f"--{flags.get(m.group(1), m.group(1))} ",
+                                str(e))) from None
+
+
+def _beams(args: argparse.Namespace, llm, prompts: list[str], ids: list[list[int]], params) -> int:
+    results = llm.beam_search(ids, params, truncate=args.truncate)
+    eos = set(params.eos_token_ids)
+    several = len(results) * params.num_return_sequences > 1
+    for i, (prompt, hyps) in enumerate(zip(prompts, results)):
+        for k, h in enumerate(hyps):
+            if args.json:
+                reason = "stop" if h.token_ids and h.token_ids[-1] in eos else "length"
+                print(json.dumps({"prompt": prompt, "index": k, "text": h.text, "token_ids": h.token_ids,
+                                  "score": h.score, "finish_reason": reason}, ensure_ascii=False))
+                continue
+            if several:
+                print(f"--- prompt {i + 1}" + (f", beam {k + 1}" if params.num_return_sequences > 1 else ""))
+            print(h.text)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     if args.stream and args.json:
         raise ValueError("--stream prints text as it comes; it does not combine with --json")
@@ -203,6 +238,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad flags fail before the model loads
     if args.stream and params.n != 1:
         raise ValueError("--stream follows one completion; use --n 1 (or drop --stream)")
+    if args.num_beams != 1:
+        _beam_params(args, [])  # bad flags fail before the model loads
     prompts = read_prompts(args)
     if args.stream and len(prompts) != 1:
         raise ValueError(f"--stream takes a single prompt, got {len(prompts)}")
@@ -211,6 +248,8 @@ def _generate(args: argparse.Namespace) -> int:
     if stop_ids:
         params = sampling_params(args, stop_token_ids=stop_ids)
     ids = [prompt_ids(llm, p, args) for p in prompts]
+    if args.num_beams != 1:
+        return _beams(args, llm, prompts, ids, _beam_params(args, [*llm.engine.eos_token_ids, *stop_ids]))
     for i, x in enumerate(ids):
         check_fits(llm, x, f"prompt {i + 1}" if len(ids) > 1 else "the prompt", args.truncate)
 
@@ -248,4 +287,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                    help="one JSON line per completion: prompt, text, token_ids, finish_reason, ...")
     p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
     add_sampling_args(p, max_tokens=128, temperature=1.0)
+    b = p.add_argument_group("beam search")
+    b.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams instead of sampling "
+                   "(1 = sample); --n best hypotheses are printed")
+    b.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam scores are sum(logprobs) / length^this (> 0 favours longer outputs)")
     p.set_defaults(run=_generate, group_parser=p)

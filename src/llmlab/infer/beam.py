@@ -85,6 +85,7 @@ class BeamParams:
 class BeamHypothesis:
     token_ids: list[int]  # new tokens only; the eos is included when it ended the hypothesis
     score: float  # length-penalized: sum logprobs / len^length_penalty (transformers' sequences_scores)
+    text: str = ""  # the decoded tokens, special tokens left out, when LLM.beam_search has a tokenizer
 
 
 def reorder_cache(cache: KVCache, index: torch.Tensor) -> None:
@@ -212,8 +213,10 @@ class _CopiedBeams:
 
 @torch.no_grad()
 def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: BeamParams, *,
-                cache: PagedKVCache | KVCache | None = None) -> list[list[BeamHypothesis]]:
-    """For each prompt, the num_return_sequences best hypotheses, best first.
+                cache: PagedKVCache | KVCache | None = None, vocab_limit: int | None = None
+                ) -> list[list[BeamHypothesis]]:
+    """For each prompt, the num_return_sequences best hypotheses, best first. vocab_limit: only token ids below
+    it are chosen (a tokenizer smaller than the model's padded vocabulary).
 
     cache: None for a fresh paged pool (blocks of DEFAULT_BLOCK_SIZE, as many as the search can need); a
     PagedKVCache to run in (its blocks all return when the search ends); or an empty KVCache to keep every beam's
@@ -231,13 +234,13 @@ def beam_search(model: Transformer, prompts: Sequence[Sequence[int]], params: Be
     else:
         raise ValueError(f"cache must be None, a PagedKVCache or an empty KVCache; got {type(cache).__name__}")
     try:
-        return _search(beams, prompts, params, device)
+        return _search(beams, prompts, params, device, vocab_limit)
     finally:
         beams.close()
 
 
-def _search(beams: _PagedBeams | _CopiedBeams, prompts: list[list[int]], params: BeamParams,
-            device) -> list[list[BeamHypothesis]]:
+def _search(beams: _PagedBeams | _CopiedBeams, prompts: list[list[int]], params: BeamParams, device,
+            vocab_limit: int | None) -> list[list[BeamHypothesis]]:
     B, nb, n = len(prompts), params.num_beams, params.max_tokens
     alpha, early = params.length_penalty, params.early_stopping
     K = max(2, 1 + len(params.eos_token_ids)) * nb  # candidates kept per prompt and step
@@ -264,7 +267,10 @@ def _search(beams: _PagedBeams | _CopiedBeams, prompts: list[list[int]], params:
 
     for t in range(n):  # t tokens generated so far; this step makes token t + 1
         # float32 whatever the model's dtype: scores are sums over many steps, and bf16 would reorder beams
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        logp = F.log_softmax(logits, dim=-1)
         V = logp.shape[-1]
         total = (logp.view(B, nb, V) + run_scores[:, :, None]).view(B, nb * V)
         top_scores, top_index = total.topk(K, dim=1)  # sorted, best first

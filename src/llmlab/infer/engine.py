@@ -133,23 +133,7 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        if text is not None:
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: LLM(model, tokenizer) or pass token ids")
-            ids = self.tokenizer.encode(text)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model.cfg.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab}); got values in [{min(ids)}, {max(ids)}]")
-        if len(ids) >= self.max_seq_len:
-            if not truncate:
-                raise ValueError(f"the prompt has {len(ids)} tokens but the context window is {self.max_seq_len} "
-                                 "(at least one must be left to generate); shorten it or pass truncate=True to "
-                                 "keep its last tokens")
-            ids = ids[-(self.max_seq_len - 1):]
+        ids = self.prompt_ids(prompt, 1, truncate)
         blocks = self.cache.blocks
         needed = -(-min(len(ids) + params.max_tokens, self.max_seq_len) // blocks.block_size)
         if needed > blocks.num_blocks:
@@ -162,6 +146,31 @@ class Engine:
         self._attach(req, seq, 0)
         self.requests[request_id] = req
         self.scheduler.add(seq)
+
+    def prompt_ids(self, prompt: str | Seq[int], room: int = 1, truncate: bool = False) -> list[int]:
+        """The prompt's token ids, checked: a text prompt is encoded, ids lie in the vocabulary, and `room` new
+        tokens still fit in the context window (truncate=True keeps the last tokens that leave that room)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: LLM(model, tokenizer) or pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}); got values in [{min(ids)}, {max(ids)}]")
+        if room >= self.max_seq_len:
+            raise ValueError(f"{room} new tokens do not fit in the context window of {self.max_seq_len} with any "
+                             "prompt; ask for fewer")
+        if len(ids) + room > self.max_seq_len:
+            if not truncate:
+                left = "at least one must be left to generate" if room == 1 else f"{room} new tokens asked"
+                raise ValueError(f"the prompt has {len(ids)} tokens but the context window is {self.max_seq_len} "
+                                 f"({left}); shorten it or pass truncate=True to keep its last tokens")
+            ids = ids[-(self.max_seq_len - room):]
+        return ids
 
     def _attach(self, req: Request, seq: Sequence, index: int) -> None:
         p = req.params

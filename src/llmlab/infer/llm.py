@@ -5,6 +5,7 @@
     outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].logprobs
     for piece in llm.stream("Once upon a time", params): print(piece, end="")
     out = llm.chat([{"role": "user", "content": "Hi"}], params)
+    best = llm.beam_search(["Hello"], BeamParams(num_beams=4, max_tokens=32))[0][0].text
 
 All requests of a generate() call go through one continuously batched engine; outputs come back in the
 order of the prompts.
@@ -15,8 +16,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 
 from ..progress import Bar
+from .beam import BeamHypothesis, BeamParams, beam_search
 from .engine import Engine
 from .params import RequestOutput, SamplingParams
 
@@ -104,6 +107,22 @@ class LLM:
                         return
         finally:
             self.engine.abort(rid)
+
+    def beam_search(self, prompts: Prompt | Seq[Prompt], params: BeamParams | None = None, *,
+                    truncate: bool = False) -> list[list[BeamHypothesis]]:
+        """Beam search with transformers' num_beams semantics (infer.beam_search, on a paged pool of its own):
+        for each prompt, its params.num_return_sequences best hypotheses, best first, with their text. A
+        BeamParams without eos_token_ids ends hypotheses at the engine's end-of-sequence ids. truncate=True keeps
+        the last tokens of a prompt that leaves no room for max_tokens in the context window."""
+        params = params or BeamParams()
+        if not params.eos_token_ids:
+            params = replace(params, eos_token_ids=tuple(self.engine.eos_token_ids))
+        ids = [self.engine.prompt_ids(p, params.max_tokens, truncate) for p in _as_prompt_list(prompts)]
+        results = beam_search(self.model, ids, params, vocab_limit=self.engine.vocab_limit)
+        if self.tokenizer is not None:
+            for hyp in (h for hs in results for h in hs):
+                hyp.text = self.tokenizer.decode(hyp.token_ids, skip_special_tokens=True)
+        return results
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, *,
              chat_template: str | None = None, truncate: bool = False):
