@@ -178,6 +178,15 @@ def test_sigmoid_router_moe_with_shared_experts_matches_deepseek_v3_block(norm_t
     torch.testing.assert_close(ours(x)[0], hf(x), **TOL)
 
 
+def routed_moe(router_std: float, **kw) -> MoE:
+    """A nano MoE layer (seed 0) whose router weights are N(0, router_std²): peaked enough that routing is uneven."""
+    torch.manual_seed(0)
+    moe = MoE(nano(**kw))
+    with torch.no_grad():
+        moe.router.weight.normal_(std=router_std)
+    return moe
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_switch_aux_loss_equals_mixtral_load_balancing_loss(top_k):
     """transformers' Mixtral loss is E·Σ_i (count_i / N)·P_i, the Switch formula with f_i counted per token (its f
@@ -185,10 +194,7 @@ def test_switch_aux_loss_equals_mixtral_load_balancing_loss(top_k):
     pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    torch.manual_seed(0)
-    moe = MoE(nano(n_experts=5, moe_top_k=top_k, moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0))
-    with torch.no_grad():
-        moe.router.weight.normal_(std=0.5)
+    moe = routed_moe(0.5, n_experts=5, moe_top_k=top_k, moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0)
     x = torch.randn(2, 11, 64)
     _, aux = moe(x)
     logits = x.reshape(-1, 64) @ moe.router.weight.T
@@ -203,10 +209,7 @@ def test_aux_loss_leaves_padding_out_as_mixtral_does_with_its_attention_mask():
     pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    torch.manual_seed(0)
-    moe = MoE(nano(n_experts=5, moe_top_k=2, moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0))
-    with torch.no_grad():
-        moe.router.weight.normal_(std=0.5)
+    moe = routed_moe(0.5, n_experts=5, moe_top_k=2, moe_aux_loss_coef=1.0, moe_z_loss_coef=0.0)
     x = torch.randn(2, 11, 64)
     real = torch.ones(2, 11, dtype=torch.bool)
     real[1, :4] = False
@@ -226,11 +229,8 @@ def test_aux_loss_leaves_padding_out_as_mixtral_does_with_its_attention_mask():
 def test_sigmoid_aux_loss_equals_the_deepseek_v3_balance_loss():
     """DeepSeek-V3 (arXiv:2412.19437, eqs. 17-19): s' = s / Σ_j s_j per token, P_i = mean_t s'_i,t,
     f_i = E/(K·T) Σ_t 1[i in top-K of token t], loss = Σ_i f_i P_i; top-2 of 6 experts, computed in float64."""
-    torch.manual_seed(0)
     E, K = 6, 2
-    moe = MoE(nano(n_experts=E, moe_top_k=K, router="sigmoid", moe_aux_loss_coef=1.0))
-    with torch.no_grad():
-        moe.router.weight.normal_(std=0.5)
+    moe = routed_moe(0.5, n_experts=E, moe_top_k=K, router="sigmoid", moe_aux_loss_coef=1.0)
     x = torch.randn(1, 13, 64)
     _, aux = moe(x)
     s = (x.reshape(-1, 64).double() @ moe.router.weight.T.double()).sigmoid()
@@ -245,10 +245,7 @@ def test_z_loss_equals_switch_transformers_router_z_loss():
     pytest.importorskip("transformers")
     from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
-    torch.manual_seed(0)
-    moe = MoE(nano(n_experts=4, moe_top_k=2, moe_aux_loss_coef=0.0, moe_z_loss_coef=1.0))
-    with torch.no_grad():
-        moe.router.weight.normal_(std=1.0)
+    moe = routed_moe(1.0, n_experts=4, moe_top_k=2, moe_aux_loss_coef=0.0, moe_z_loss_coef=1.0)
     x = torch.randn(3, 5, 64)
     _, z = moe(x)
     torch.testing.assert_close(z, router_z_loss_func(x @ moe.router.weight.T), **TOL)

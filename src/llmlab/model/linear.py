@@ -50,8 +50,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
         # in a torch.compile trace the row count may be symbolic, and inductor chooses its own products
-        if (x.device.type != "cpu" or torch.compiler.is_compiling() or not 1 <= rows <= FEW_ROWS
-                or self.out_features == 1):
+        if (x.device.type != "cpu" or not 1 <= rows <= FEW_ROWS or self.out_features == 1
+                or torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
         key = (x.dtype, self.out_features, self.in_features, self.bias is not None, _row_bucket(rows),
                self.row_major_output)
