@@ -164,6 +164,25 @@ def test_prompt_logprobs_of_packed_prompts_equal_the_model(model):
             assert list(lp.top.values()) == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
+def test_dynamic_ntk_prompts_packed_together_each_get_their_own_stretch():
+    """Dynamic NTK stretches RoPE by the length of the sequence. Prompts prefilled together in one packed row each
+    get the logits of their own no-cache forward, not the stretch of their longest neighbour."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.preset("nano", max_seq_len=WINDOW, rope_scaling="dynamic_ntk", rope_factor=4.0,
+                                       rope_original_max_seq_len=8)).eval()
+    rng = random.Random(5)
+    ps = [[rng.randrange(1, 512) for _ in range(n)] for n in (12, 37, 6, 20)]  # the 6 is below the original 8
+    llm = LLM(m, block_size=4, max_num_batched_tokens=128)
+    outs = llm.generate(ps, SamplingParams(max_tokens=1, temperature=0, logprobs=3, prompt_logprobs=1))
+    assert llm.engine.scheduler.num_preemptions == 0
+    for p, o in zip(ps, outs):
+        ref = full_log_softmax(m, p)
+        got = [lp.logprob for lp in o.prompt_logprobs[1:]] + [o.logprobs[0].logprob]
+        want = [float(ref[t - 1, p[t]]) for t in range(1, len(p))] + [float(ref[-1].max())]
+        assert got == pytest.approx(want, abs=1e-4)
+        assert o.token_ids == [int(ref[-1].argmax())]
+
+
 def test_prompt_logprobs_survive_preemption_in_the_middle_of_prefill(model):
     rng = random.Random(1)
     early = [rng.randrange(1, 512) for _ in range(10)]

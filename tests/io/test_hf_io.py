@@ -68,7 +68,7 @@ FAMILIES = {
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16,
         rope_theta=500000.0)), AutoModelForCausalLM),
     "llama_biases_yarn": (LlamaForCausalLM, lambda: LlamaConfig(**LLAMA, attention_bias=True, mlp_bias=True,
-        rope_parameters=dict(rope_type="yarn", factor=4.0, beta_fast=16.0, beta_slow=2.0,
+        rope_parameters=dict(rope_type="yarn", factor=4.0, beta_fast=16.0, beta_slow=2.0, mscale=0.8, mscale_all_dim=0.5,
                              original_max_position_embeddings=16, rope_theta=10000.0)), AutoModelForCausalLM),
     "llama_linear": (LlamaForCausalLM, lambda: LlamaConfig(**LLAMA, rope_parameters=dict(
         rope_type="linear", factor=4.0, rope_theta=10000.0)), AutoModelForCausalLM),

@@ -332,10 +332,16 @@ def _shared_weights(sd: dict, n_layers: int) -> dict:
     return m
 
 
-def _ds_config(q_lora: int | None, moe: bool):
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0)
+
+
+def _ds_config(q_lora: int | None, moe: bool, yarn: tuple[float, float] | None = None):
+    """yarn: (mscale, mscale_all_dim) for a YaRN-scaled rope, as DeepSeek-V2/V3 checkpoints set them."""
     from transformers import DeepseekV3Config
 
-    return DeepseekV3Config(
+    rope = {} if yarn is None else dict(rope_parameters=dict(
+        YARN, rope_theta=10000.0, mscale=yarn[0], mscale_all_dim=yarn[1]))
+    return DeepseekV3Config(**rope,
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True,
@@ -345,9 +351,11 @@ def _ds_config(q_lora: int | None, moe: bool):
         attn_implementation="eager")
 
 
-def _ds_to_llmlab(hf, q_lora: int | None, moe: bool) -> Transformer:
+def _ds_to_llmlab(hf, q_lora: int | None, moe: bool, yarn: tuple[float, float] | None = None) -> Transformer:
     """Map DeepSeek-V3 weights by hand (llmlab.io.hf does not read DeepSeek): every tensor, no shared code."""
-    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=64, attention="mla",
+    rope = {} if yarn is None else dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_seq_len=16,
+                                        yarn_mscale=yarn[0], yarn_mscale_all_dim=yarn[1])
+    cfg = ModelConfig(**rope,vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=64, attention="mla",
                       q_lora_rank=q_lora or 0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                       v_head_dim=16, norm_eps=1e-6, rope_theta=hf.config.rope_parameters["rope_theta"],
                       **(dict(n_experts=4, moe_top_k=2, n_shared_experts=1, moe_hidden_dim=32, router="sigmoid",
@@ -384,20 +392,23 @@ def _ds_to_llmlab(hf, q_lora: int | None, moe: bool) -> Transformer:
     return ours
 
 
-@pytest.mark.parametrize("q_lora,moe", [(None, False), (24, False), (24, True)],
-                         ids=["mla", "mla_q_lora", "mla_q_lora_sigmoid_moe_shared_every2"])
-def test_mla_and_moe_match_deepseek_v3_and_the_cache_holds_the_latent(q_lora, moe):
+@pytest.mark.parametrize("q_lora,moe,yarn", [(None, False, None), (24, False, None), (24, True, None),
+                                             (None, False, (0.707, 0.707)), (None, False, (1.0, 0.5))],
+                         ids=["mla", "mla_q_lora", "mla_q_lora_sigmoid_moe_shared_every2", "mla_yarn_v2_lite",
+                              "mla_yarn_softmax_temperature"])
+def test_mla_and_moe_match_deepseek_v3_and_the_cache_holds_the_latent(q_lora, moe, yarn):
     """DeepSeek-V3 (transformers) as the reference for MLA (low-rank joint KV, decoupled RoPE key, optional
     low-rank query) and for the sigmoid router with normalized top-k weights, a shared expert and MoE on every
-    2nd layer. The cache: per layer, the normalized latent c_kv and the rotated shared key, exactly what
+    2nd layer; and for YaRN as DeepSeek weighs it (mscale on cos/sin, mscale_all_dim² on the softmax scale of
+    every dim). The cache: per layer, the normalized latent c_kv and the rotated shared key, exactly what
     DeepSeek caches, and nothing per head."""
     pytest.importorskip("transformers")
     from transformers import DeepseekV3ForCausalLM, DynamicCache
 
     torch.manual_seed(0)
-    hf_cfg = _ds_config(q_lora, moe)
+    hf_cfg = _ds_config(q_lora, moe, yarn)
     hf = randomize_(DeepseekV3ForCausalLM(hf_cfg)).eval()
-    ours = _ds_to_llmlab(hf, q_lora, moe)
+    ours = _ds_to_llmlab(hf, q_lora, moe, yarn)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         hf_cache = DynamicCache(config=hf_cfg)

@@ -48,6 +48,7 @@ def test_depth_dial_derives_width_heads_and_hidden():
         (dict(attention="mla"), ["mla", "kv_lora_rank"]),
         (dict(attn_backend="flash", attn_dropout=0.1), ["attn_dropout", "flash"]),
         (dict(partial_rotary_factor=0.01), ["rotary_dim"]),
+        (dict(rope_scaling="yarn", rope_factor=4.0, yarn_mscale_all_dim=-1.0), ["yarn_mscale_all_dim", ">= 0"]),
     ],
 )
 def test_invalid_configs_name_the_field_and_the_fix(kwargs, words):

@@ -8,11 +8,16 @@ from llmlab.model import ModelConfig, Transformer
 LENGTHS = [5, 7, 4]
 
 
+POSITIONS = {"rope": {}, "learned": dict(position="learned"), "alibi": dict(position="alibi"),
+             # documents of 5 and 7 tokens pass the original length 6, each by its own amount, the third does not
+             "dynamic_ntk": dict(rope_scaling="dynamic_ntk", rope_factor=4.0, rope_original_max_seq_len=6)}
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "math", "flash"])
-@pytest.mark.parametrize("position", ["rope", "learned", "alibi"])
+@pytest.mark.parametrize("position", list(POSITIONS))
 def test_packed_documents_match_separate_runs(backend, position):
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("nano", attn_backend=backend, position=position)
+    cfg = ModelConfig.preset("nano", attn_backend=backend, **POSITIONS[position])
     model = Transformer(cfg).eval()
     docs = [torch.randint(0, cfg.vocab_size, (n,)) for n in LENGTHS]
     packed = torch.cat(docs)[None]

@@ -235,6 +235,22 @@ def test_yarn_matches_transformers(partial, s, L0, betas):
     assert scale == pytest.approx(hf_scale)
 
 
+@pytest.mark.parametrize("mscale,all_dim", [(1.0, 1.0), (0.707, 0.707), (1.0, 0.5), (0.5, 0.0)])
+def test_yarn_mscale_matches_transformers_and_deepseek(mscale, all_dim):
+    """DeepSeek-V2/V3's YaRN weights: cos/sin by mscale(m)/mscale(m_all), mscale(m) = 0.1·m·ln(s) + 1."""
+    pytest.importorskip("transformers")
+    s = 40.0
+    cfg = rope_cfg(rope_scaling="yarn", rope_factor=s, rope_original_max_seq_len=128, max_seq_len=int(s * 128),
+                   yarn_mscale=mscale, yarn_mscale_all_dim=all_dim)
+    inv, scale = rope_inv_freq(cfg)
+    assert scale == pytest.approx((0.1 * mscale * math.log(s) + 1) / (0.1 * all_dim * math.log(s) + 1))
+    if all_dim:  # transformers takes mscale only together with mscale_all_dim
+        hf_inv, hf_scale = hf_inv_freq("yarn", cfg, int(s * 128), original_max_position_embeddings=128,
+                                       mscale=mscale, mscale_all_dim=all_dim)
+        torch.testing.assert_close(inv, hf_inv)
+        assert scale == pytest.approx(hf_scale)
+
+
 @pytest.mark.parametrize("partial", [1.0, 0.5])
 @pytest.mark.parametrize("s,L0,lo,hi,base", [(8.0, 8192, 1.0, 4.0, 500000.0), (4.0, 512, 1.0, 8.0, 10000.0)])
 def test_llama3_matches_transformers(partial, s, L0, lo, hi, base):

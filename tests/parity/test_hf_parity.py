@@ -177,6 +177,9 @@ LLAMA_VARIANTS = {
                                       rope_theta=10000.0)),
     "yarn_betas": dict(rope_parameters=dict(rope_type="yarn", factor=8.0, beta_fast=16.0, beta_slow=2.0,
                                             original_max_position_embeddings=32, rope_theta=10000.0)),
+    # DeepSeek's weights of YaRN's temperature: transformers' Llama applies them to cos/sin
+    "yarn_mscale": dict(rope_parameters=dict(rope_type="yarn", factor=8.0, mscale=0.8, mscale_all_dim=0.5,
+                                             original_max_position_embeddings=16, rope_theta=10000.0)),
     # dynamic NTK kicks in once the sequence (20) exceeds max_position_embeddings (16)
     "dynamic": dict(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", factor=2.0,
                                                                      rope_theta=10000.0)),
@@ -190,8 +193,11 @@ LLAMA_VARIANTS = {
 def test_llama(variant: str, padded: bool) -> None:
     hf = reference("llama", variant)
     cfg, sd = to_llmlab(hf)
-    if variant in ("linear", "llama3", "yarn", "yarn_betas", "dynamic"):
-        assert cfg.rope_scaling == {"dynamic": "dynamic_ntk", "yarn_betas": "yarn"}.get(variant, variant)
+    if variant in ("linear", "llama3", "yarn", "yarn_betas", "yarn_mscale", "dynamic"):
+        assert cfg.rope_scaling == {"dynamic": "dynamic_ntk", "yarn_betas": "yarn", "yarn_mscale": "yarn"}.get(
+            variant, variant)
+    if variant == "yarn_mscale":
+        assert (cfg.yarn_mscale, cfg.yarn_mscale_all_dim) == (0.8, 0.5)
     if variant == "tied":
         assert cfg.tie_embeddings
     # dynamic NTK stretches RoPE by the sequence's length: ours by each row's own, transformers by the batch's

@@ -125,13 +125,17 @@ def _rope_options(c: Mapping[str, Any]) -> dict[str, Any]:
                 "llama3_low_freq_factor": float(params["low_freq_factor"]),
                 "llama3_high_freq_factor": float(params["high_freq_factor"])}
     if kind == "yarn":
-        unsupported = {k: params[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if params.get(k)}
-        if unsupported or params.get("truncate", True) is False:
-            raise CheckpointError(f"YaRN options without a ModelConfig field: {unsupported or 'truncate=False'}")
+        for name, bad in (("attention_factor", bool(params.get("attention_factor"))),
+                          ("truncate=False", params.get("truncate", True) is False)):
+            if bad:
+                raise CheckpointError(f"YaRN option {name} has no ModelConfig field; llmlab cannot load it")
         factor = factor if factor is not None else max_pos / original  # DeepSeek-V3 style: the context ratio
+        # transformers weighs by mscale only together with mscale_all_dim (else the plain 0.1·ln(s) + 1)
+        mscale, all_dim = float(params.get("mscale") or 0), float(params.get("mscale_all_dim") or 0)
         return {**out, "rope_scaling": "yarn", "rope_factor": float(factor), "rope_original_max_seq_len": original,
                 "yarn_beta_fast": float(params.get("beta_fast") or 32),
-                "yarn_beta_slow": float(params.get("beta_slow") or 1)}
+                "yarn_beta_slow": float(params.get("beta_slow") or 1),
+                "yarn_mscale": mscale if mscale and all_dim else 1.0, "yarn_mscale_all_dim": all_dim}
     raise CheckpointError(f"rope_type={kind!r} is not supported; supported: default, linear, dynamic, yarn, llama3")
 
 
@@ -305,6 +309,11 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     elif s == "yarn":
         params.update(rope_type="yarn", factor=cfg.rope_factor, beta_fast=cfg.yarn_beta_fast,
                       beta_slow=cfg.yarn_beta_slow, original_max_position_embeddings=cfg.rope_original_max_seq_len)
+        if cfg.yarn_mscale_all_dim:
+            params.update(mscale=cfg.yarn_mscale, mscale_all_dim=cfg.yarn_mscale_all_dim)
+        elif cfg.yarn_mscale != 1.0:
+            raise CheckpointError(f"yarn_mscale={cfg.yarn_mscale} without yarn_mscale_all_dim has no transformers "
+                                  "equivalent (it applies mscale only together with mscale_all_dim)")
     elif s == "llama3":
         params.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.llama3_low_freq_factor,
                       high_freq_factor=cfg.llama3_high_freq_factor,

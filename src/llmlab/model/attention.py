@@ -20,7 +20,7 @@ from .flash import flash_attention
 from .linear import Linear
 from .mask import AttentionMask
 from .norm import RMSNorm
-from .position import apply_rotary
+from .position import apply_rotary, yarn_mscale
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -142,6 +142,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.out = Linear(H * self.vdim, cfg.dim, bias=cfg.attn_out_bias)
         self.out.is_residual_projection = True
         self.scale = 1.0 / math.sqrt(qk)
+        if cfg.rope_scaling == "yarn":  # DeepSeek-V2: YaRN's temperature on every dim, rotary or not
+            self.scale *= yarn_mscale(cfg.rope_factor, cfg.yarn_mscale_all_dim) ** 2
 
     def forward(self, x, rope: Rope, mask: AttentionMask, cache=None, layer: int = 0, need_weights=False):
         B, T, _ = x.shape

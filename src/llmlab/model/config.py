@@ -73,6 +73,11 @@ class ModelConfig:
     rope_original_max_seq_len: int | None = None  # context the model was trained at (None = max_seq_len)
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
+    # YaRN's attention factor mscale(m) = 0.1·m·ln(s) + 1 (mscale(0) = 1): cos/sin are scaled by
+    # mscale(yarn_mscale) / mscale(yarn_mscale_all_dim), and MLA's softmax scale by mscale(yarn_mscale_all_dim)²
+    # (DeepSeek-V2/V3 checkpoints set both to 1 or 0.707; plain YaRN leaves them at 1 and 0)
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
     llama3_low_freq_factor: float = 1.0
     llama3_high_freq_factor: float = 4.0
 
@@ -173,6 +178,8 @@ class ModelConfig:
             need(0 < self.partial_rotary_factor <= 1, "partial_rotary_factor must be in (0, 1]")
             need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}")
+        need(self.yarn_mscale >= 0 and self.yarn_mscale_all_dim >= 0,
+             f"yarn_mscale and yarn_mscale_all_dim must be >= 0, got {self.yarn_mscale}, {self.yarn_mscale_all_dim}")
         need(self.rope_scaling == "none" or self.position == "rope",
              f"rope_scaling={self.rope_scaling!r} needs position='rope', got {self.position!r}")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -34,7 +35,8 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.T
       ntk         NTK-aware base change (bloc97 2023): base' = base · s^(d/(d-2))
       dynamic_ntk base' = base · (s·L/L0 - (s-1))^(d/(d-2)) once the sequence length L exceeds L0
       yarn        YaRN (Peng et al. 2023): per-dim blend of θ_i and θ_i/s by a linear ramp over the
-                  wavelengths between β_fast and β_slow rotations in L0; cos/sin scaled by 0.1·ln(s) + 1
+                  wavelengths between β_fast and β_slow rotations in L0; cos/sin scaled by
+                  mscale(m)/mscale(m_all), mscale(m) = 0.1·m·ln(s) + 1 (0.1·ln(s) + 1 by default)
       llama3      Llama 3.1: θ_i/s for wavelengths above L0/low_freq_factor, θ_i below
                   L0/high_freq_factor, smooth blend between
     """
@@ -73,8 +75,13 @@ def _yarn(inv_freq: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, float
     ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 for high-frequency dims (kept), 0 for low-frequency dims (interpolated)
     inv = inv_freq / s * (1 - extrapolate) + inv_freq * extrapolate
-    mscale = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
-    return inv, mscale
+    return inv, yarn_mscale(s, cfg.yarn_mscale) / yarn_mscale(s, cfg.yarn_mscale_all_dim)
+
+
+def yarn_mscale(s: float, m: float) -> float:
+    """YaRN's attention temperature √(1/t) = 0.1·m·ln(s) + 1 (Peng et al. 2023, eq. 22 with DeepSeek's weight m);
+    1 when nothing is stretched or m = 0."""
+    return 0.1 * m * math.log(s) + 1.0 if s > 1 else 1.0
 
 
 def _llama3(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -89,7 +96,7 @@ def _llama3(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Computes cos/sin for given positions; recomputes θ per row when dynamic NTK sees a longer sequence."""
+    """Computes cos/sin for given positions; recomputes θ per sequence when dynamic NTK sees a longer one."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -97,18 +104,32 @@ class Rotary(nn.Module):
         inv_freq, self.scaling = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, rotary_dim] (broadcast over heads)."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, rotary_dim] (broadcast over heads). sequences [B, T]: which
+        sequence each token belongs to when a row packs several (runs of equal ids); None: one per row."""
         inv_freq = self.inv_freq
-        if self.cfg.rope_scaling == "dynamic_ntk":
-            # each row by its own length, so padding next to a longer row changes nothing (transformers takes
-            # the batch's longest row for all)
-            lengths = (positions.amax(dim=-1) + 1).tolist()
-            if max(lengths) > self.cfg.rope_original_max_seq_len:
-                inv_freq = torch.stack([rope_inv_freq(self.cfg, n)[0] for n in lengths]).to(inv_freq)[:, None]
+        if self.cfg.rope_scaling == "dynamic_ntk" and int(positions.max()) >= self.cfg.rope_original_max_seq_len:
+            inv_freq = self._dynamic_inv_freq(positions, sequences).to(inv_freq)
         angles = positions[..., None].float() * inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
+
+    def _dynamic_inv_freq(self, positions: torch.Tensor, sequences: torch.Tensor | None) -> torch.Tensor:
+        """[B, T, rotary_dim/2]: θ for each token by the length of its own sequence (its largest position + 1),
+        so padding or a longer neighbour in the batch or the packed row changes nothing (transformers takes the
+        batch's longest row for all)."""
+        if sequences is None:
+            length = positions.amax(dim=-1, keepdim=True).expand_as(positions) + 1
+        else:
+            starts = F.pad(sequences[:, 1:] != sequences[:, :-1], (1, 0), value=True)
+            run = starts.long().cumsum(dim=1) - 1  # index of each token's run within its row
+            last = torch.zeros_like(positions).scatter_reduce(1, run, positions, "amax", include_self=False)
+            length = last.gather(1, run) + 1
+        L0 = self.cfg.rope_original_max_seq_len
+        lengths, index = torch.unique(length.clamp(min=L0), return_inverse=True)  # up to L0 all are plain RoPE
+        table = torch.stack([rope_inv_freq(self.cfg, n)[0] for n in lengths.tolist()])
+        return table.to(positions.device)[index]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

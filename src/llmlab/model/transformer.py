@@ -171,7 +171,9 @@ class Transformer(nn.Module):
             h = self.emb_norm(h)
         h = self.drop(h)
 
-        rope = self.rotary(positions, h.dtype) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(positions, h.dtype, self._sequences(document_ids, segments, positions))
         key_pos = None
         if prefix_len is not None:
             prefix_len = torch.as_tensor(prefix_len, device=input_ids.device).expand(B)
@@ -247,6 +249,18 @@ class Transformer(nn.Module):
             raise ValueError("a prefix_lm model needs prefix_len (an int or a [batch] tensor) in forward()")
         if cfg.kind != "prefix_lm" and prefix_len is not None:
             raise ValueError(f"prefix_len is only used by kind='prefix_lm'; this model is kind={cfg.kind!r}")
+
+    def _sequences(self, document_ids, segments, positions: torch.Tensor) -> torch.Tensor | None:
+        """[1 or B, T] which sequence each query belongs to in a packed row (dynamic NTK stretches RoPE by each
+        sequence's own length); None when every row is one sequence or nothing needs it."""
+        if self.cfg.rope_scaling != "dynamic_ntk":
+            return None
+        if document_ids is not None:
+            return document_ids
+        if segments is not None:  # the engine's packed prompt chunks: (q0, q1, k0, k1, cached) per sequence
+            sizes = torch.tensor([q1 - q0 for q0, q1, *_ in segments], device=positions.device)
+            return torch.repeat_interleave(torch.arange(len(segments), device=positions.device), sizes)[None]
+        return None
 
     def _keys_and_positions(self, input_ids, attention_mask, position_ids, cache, offset):
         """Validity of every key (None when there is no padding) and the positions of the new tokens.
