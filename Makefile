@@ -32,11 +32,14 @@ data: $(DATA)/.stamp
 demo: $(STAMP) $(DATA)/.stamp
 	$(VENV)/bin/llmlab speedrun --name demo
 
+# one pytest-xdist worker per core; idle workers take tests queued on busy ones (worksteal)
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist worksteal
+
 test: $(STAMP) $(DATA)/.stamp
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP) $(DATA)/.stamp
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_throughput.py

@@ -9,6 +9,16 @@ import torch  # noqa: E402
 # shared 2-core machine). Tests that run real models raise it themselves.
 torch.set_num_threads(1)
 
+# `make test` runs one pytest-xdist worker per core. The workers share the cores, so a worker keeps to its share
+# of threads, whatever a test (or the trainer's `threads`) asks for, and so do the subprocesses tests start:
+# OpenMP threads spinning on a core another worker holds slowed the SmolLM2 DPO test from 171 s to 1067 s.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS_PER_WORKER = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS_PER_WORKER)
+    _set_num_threads = torch.set_num_threads
+    torch.set_num_threads = lambda n: _set_num_threads(min(n, THREADS_PER_WORKER))
+
 
 @pytest.fixture(scope="session")
 def hf_smollm2():
