@@ -1,7 +1,7 @@
 """Load time and peak memory of SmolLM2-135M-Instruct from its GGUF: llmlab.load vs transformers'
 from_pretrained(gguf_file=...), each in a fresh process (so peak RSS belongs to one loader), same run.
 
-    python benchmarks/load.py [--asset smollm2-135m-instruct] [--repeats 2]
+    python benchmarks/load.py [--asset smollm2-135m-instruct | --asset path/to/model.gguf] [--repeats 2]
 
 Prints one JSON object. peak_rss_mib is the process's maximum resident set; import_rss_mib is the resident set
 after the imports, before the load; load_rss_mib is their difference (what the load itself costs).
@@ -22,15 +22,16 @@ which, asset = sys.argv[1], sys.argv[2]
 if which == "llmlab":
     import llmlab
 else:
+    from pathlib import Path
     import transformers
-    from llmlab.io.assets import asset_path
+    from llmlab.io.assets import ASSETS, asset_path
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 before = rss()
 t = time.perf_counter()
 if which == "llmlab":
     model, tok = llmlab.load(asset)
 else:
-    path = asset_path(asset)
+    path = asset_path(asset) if asset in ASSETS else Path(asset)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               torch_dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -47,7 +48,7 @@ def measure(which: str, asset: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--asset", default="smollm2-135m-instruct")
+    p.add_argument("--asset", default="smollm2-135m-instruct", help="a named asset or a llama-architecture .gguf file")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     result = {"benchmark": "load", "asset": args.asset}

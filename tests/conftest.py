@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
@@ -21,22 +22,44 @@ if WORKERS > 1:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2():
+def hf_smollm2(tmp_path_factory):
     """(tokenizer, model) as transformers reads SmolLM2-135M-Instruct's GGUF file (fp32, eval mode): the
     reference of the real-model parity tests. Reading the file this way takes most of a minute, so the test
-    modules share one copy.
-
-    `from_pretrained(gguf_file=...)` insists on accelerate; without it we call the function it calls
-    for llama files (`load_gguf_checkpoint`) on a model built from the config transformers reads."""
+    modules share one copy, and under xdist the first worker saves what transformers read (with transformers'
+    own save_pretrained) for the others to load in seconds."""
     transformers = pytest.importorskip("transformers")
-    import importlib.util
-
     from llmlab.io.assets import AssetNotFoundError, asset_path
 
     try:
         path = asset_path("smollm2-135m-instruct")
     except AssetNotFoundError as e:
         pytest.skip(str(e))
+    if WORKERS == 1:
+        return _read_smollm2_gguf(transformers, path)
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "hf_smollm2"  # one folder for all workers of this run
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "saved").is_file():
+            tokenizer, model = _read_smollm2_gguf(transformers, path)
+            tokenizer.save_pretrained(shared)  # save_pretrained refuses a model read from GGUF: config and tensors
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            (shared / "config.json").write_text(json.dumps(config))
+            torch.save(model.state_dict(), shared / "state_dict.pt")
+            (shared / "saved").touch()
+            return tokenizer, model
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(shared),
+                                                          dtype=torch.float32)
+    model.load_state_dict(torch.load(shared / "state_dict.pt"))
+    return transformers.AutoTokenizer.from_pretrained(shared), model.eval()
+
+
+def _read_smollm2_gguf(transformers, path):
+    """`from_pretrained(gguf_file=...)` insists on accelerate; without it we call the function it calls
+    for llama files (`load_gguf_checkpoint`) on a model built from the config transformers reads."""
+    import importlib.util
+
     folder, name = str(path.parent), path.name
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if importlib.util.find_spec("accelerate"):

@@ -58,15 +58,12 @@ def test_tokenizer_benchmark_runs_and_ids_agree():
     assert {"train_vs_tokenizers", "fast_vs_tiktoken_held_out"} <= set(bpe["goals"])
 
 
-@pytest.mark.slow
-def test_load_benchmark_reports_both_loaders():
-    from llmlab.io.assets import AssetNotFoundError, asset_path
+def test_load_benchmark_reports_both_loaders(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests" / "io"))
+    from test_gguf import hf_weights, write_gguf  # a one-layer llama GGUF: transformers reads SmolLM2's in a minute
 
-    try:
-        asset_path("smollm2-135m-instruct")
-    except AssetNotFoundError as e:
-        pytest.skip(str(e))
-    result = run("load.py", "--repeats", "1")
+    write_gguf(tmp_path / "tiny.gguf", hf_weights())
+    result = run("load.py", "--repeats", "1", "--asset", str(tmp_path / "tiny.gguf"))
     assert result["llmlab"]["params"] == result["transformers"]["params"]
     assert result["llmlab"]["seconds"] > 0 and result["llmlab"]["peak_rss_mib"] > 0
 
