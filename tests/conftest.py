@@ -25,8 +25,8 @@ if WORKERS > 1:
 def hf_smollm2(tmp_path_factory):
     """(tokenizer, model) as transformers reads SmolLM2-135M-Instruct's GGUF file (fp32, eval mode): the
     reference of the real-model parity tests. Reading the file this way takes most of a minute, so the test
-    modules share one copy, and under xdist the first worker saves what transformers read (with transformers'
-    own save_pretrained) for the others to load in seconds."""
+    modules share one copy, and under xdist the first worker saves what transformers read (its config,
+    tokenizer files and tensors) for the others to load in seconds."""
     transformers = pytest.importorskip("transformers")
     from llmlab.io.assets import AssetNotFoundError, asset_path
 

@@ -341,23 +341,23 @@ def _ds_config(q_lora: int | None, moe: bool, yarn: tuple[float, float] | None =
 
     rope = {} if yarn is None else dict(rope_parameters=dict(
         YARN, rope_theta=10000.0, mscale=yarn[0], mscale_all_dim=yarn[1]))
-    return DeepseekV3Config(**rope,
+    return DeepseekV3Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True,
         first_k_dense_replace=1 if moe else 2, kv_lora_rank=32, q_lora_rank=q_lora, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6, rope_interleave=False,
         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        attn_implementation="eager")
+        attn_implementation="eager", **rope)
 
 
 def _ds_to_llmlab(hf, q_lora: int | None, moe: bool, yarn: tuple[float, float] | None = None) -> Transformer:
     """Map DeepSeek-V3 weights by hand (llmlab.io.hf does not read DeepSeek): every tensor, no shared code."""
     rope = {} if yarn is None else dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_seq_len=16,
                                         yarn_mscale=yarn[0], yarn_mscale_all_dim=yarn[1])
-    cfg = ModelConfig(**rope,vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=64, attention="mla",
+    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=64, attention="mla",
                       q_lora_rank=q_lora or 0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                      v_head_dim=16, norm_eps=1e-6, rope_theta=hf.config.rope_parameters["rope_theta"],
+                      v_head_dim=16, norm_eps=1e-6, rope_theta=hf.config.rope_parameters["rope_theta"], **rope,
                       **(dict(n_experts=4, moe_top_k=2, n_shared_experts=1, moe_hidden_dim=32, router="sigmoid",
                               moe_norm_topk=True, moe_every=2) if moe else {}))
     sd = hf.state_dict()
