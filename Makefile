@@ -32,8 +32,10 @@ data: $(DATA)/.stamp
 demo: $(STAMP) $(DATA)/.stamp
 	$(VENV)/bin/llmlab speedrun --name demo
 
-# one pytest-xdist worker per core; idle workers take tests queued on busy ones (worksteal)
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist worksteal
+# one pytest-xdist worker per core, at most 8 (each holds torch and some hold SmolLM2); idle workers take tests
+# queued on busy ones (worksteal). `make test TEST_WORKERS=1` runs one worker.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 8 ] && n=8; echo $$n)
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test: $(STAMP) $(DATA)/.stamp
 	$(PYTEST)
