@@ -125,10 +125,10 @@ def _rope_options(c: Mapping[str, Any]) -> dict[str, Any]:
                 "llama3_low_freq_factor": float(params["low_freq_factor"]),
                 "llama3_high_freq_factor": float(params["high_freq_factor"])}
     if kind == "yarn":
-        for name, bad in (("attention_factor", bool(params.get("attention_factor"))),
-                          ("truncate=False", params.get("truncate", True) is False)):
-            if bad:
-                raise CheckpointError(f"YaRN option {name} has no ModelConfig field; llmlab cannot load it")
+        if params.get("attention_factor"):
+            raise CheckpointError("YaRN option attention_factor has no ModelConfig field; llmlab cannot load it")
+        if params.get("truncate", True) is False:
+            raise CheckpointError("YaRN option truncate=False has no ModelConfig field; llmlab cannot load it")
         factor = factor if factor is not None else max_pos / original  # DeepSeek-V3 style: the context ratio
         # transformers weighs by mscale only together with mscale_all_dim (else the plain 0.1·ln(s) + 1)
         mscale, all_dim = float(params.get("mscale") or 0), float(params.get("mscale_all_dim") or 0)

@@ -122,14 +122,18 @@ class Rotary(nn.Module):
         if sequences is None:
             length = positions.amax(dim=-1, keepdim=True).expand_as(positions) + 1
         else:
-            starts = F.pad(sequences[:, 1:] != sequences[:, :-1], (1, 0), value=True)
-            run = starts.long().cumsum(dim=1) - 1  # index of each token's run within its row
+            run = run_starts(sequences).long().cumsum(dim=1) - 1  # index of each token's run within its row
             last = torch.zeros_like(positions).scatter_reduce(1, run, positions, "amax", include_self=False)
             length = last.gather(1, run) + 1
         L0 = self.cfg.rope_original_max_seq_len
         lengths, index = torch.unique(length.clamp(min=L0), return_inverse=True)  # up to L0 all are plain RoPE
         table = torch.stack([rope_inv_freq(self.cfg, n)[0] for n in lengths.tolist()])
         return table.to(positions.device)[index]
+
+
+def run_starts(ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True where a run of equal ids (a packed document or sequence) begins."""
+    return F.pad(ids[:, 1:] != ids[:, :-1], (1, 0), value=True)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

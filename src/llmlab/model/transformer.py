@@ -23,7 +23,7 @@ from .mask import AttentionMask
 from .mlp import MLP
 from .moe import MoE
 from .norm import make_norm
-from .position import Rotary, alibi_slopes, sinusoidal_table
+from .position import Rotary, alibi_slopes, run_starts, sinusoidal_table
 
 
 @dataclass
@@ -146,8 +146,7 @@ class Transformer(nn.Module):
                                  "cannot be combined with a KV cache (it is for packed training batches)")
             if position_ids is None:  # restart positions at each document: index minus its document's start
                 idx = torch.arange(T, device=input_ids.device).expand(B, T)
-                starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)
-                position_ids = idx - torch.where(starts, idx, 0).cummax(dim=1).values
+                position_ids = idx - torch.where(run_starts(document_ids), idx, 0).cummax(dim=1).values
         query_valid, n_keys, segments = None, offset + T, None
         if getattr(cache, "per_row", False):
             # An inference-engine batch: rows of different lengths, each with its keys left-aligned, or several
